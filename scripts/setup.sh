@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# setup.sh — install every Debian package that kiln's tests and benchmarks
+# need (OCI tooling, compressors, QEMU + firmware, debootstrap, fixtures
+# toolchain). Idempotent: only missing packages are installed, and
+# `apt-get update` runs at most once, only when something must be installed.
+# Must run as root (or via sudo) on Debian 12 (bookworm).
+set -euo pipefail
+
+# Keep this list in one place; add packages here.
+PACKAGES=(
+	skopeo
+	umoci
+	cpio
+	zstd
+	pigz
+	gzip
+	qemu-system-x86
+	ovmf
+	seabios
+	ipxe-qemu
+	debootstrap
+	busybox-static
+	docker-registry
+	nix-bin
+	time
+	curl
+	ca-certificates
+	xz-utils
+	iproute2
+	python3
+	gcc
+	make
+	perl
+	liblzma-dev
+	gcc-aarch64-linux-gnu
+	binutils-aarch64-linux-gnu
+	mtools
+)
+
+is_installed() {
+	local status
+	status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)
+	[[ "$status" == "install ok installed" ]]
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+	if ! is_installed "$pkg"; then
+		missing+=("$pkg")
+	fi
+done
+
+if ((${#missing[@]} == 0)); then
+	echo "setup: all ${#PACKAGES[@]} packages already installed"
+	exit 0
+fi
+
+SUDO=()
+if ((EUID != 0)); then
+	SUDO=(sudo)
+fi
+
+echo "setup: installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+	apt-get install -y --no-install-recommends "${missing[@]}"
+echo "setup: done"

@@ -1,0 +1,331 @@
+//! Boot bundles: kernel discovery, the init shim, the `image` and `initramfs` archives, and the
+//! manifest.
+//!
+//! A bundle directory holds `kernel`, `initramfs`, `image` and `manifest.json`. A node boots
+//! `kernel` with `initramfs` then `image` as initrds; the kernel unpacks both into one rootfs
+//! (concatenating the two files works too) and runs `/init`, the shim in [`INIT_SHIM`].
+
+pub mod kernel;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::Serialize;
+
+use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
+use crate::image::tree::{group_sizes, show, Kind, Tree};
+use crate::util::{Digest, HashingWriter};
+
+pub use kernel::{FoundKernel, KernelSpec};
+
+/// The `/init` kiln puts in front of every image.
+///
+/// The kernel runs it as PID 1 once it has unpacked `initramfs` and `image` into its rootfs.
+/// It mounts `/proc`, `/sys` and `/dev` (Debian's kernels do not mount devtmpfs by themselves),
+/// reads `kiln.init=` and `kiln.shell` from the kernel command line, and `exec`s the image's own
+/// init (`/sbin/init` by default), which keeps PID 1 and runs from RAM. It needs the image's
+/// `/bin/sh`; in an image without one, the kernel falls back to running `/sbin/init` itself.
+pub const INIT_SHIM: &str = r#"#!/bin/sh
+# kiln init shim: PID 1 from the unpacked initramfs + image. It mounts the kernel's API
+# filesystems and replaces itself with the image's own init, which runs from RAM.
+# Kernel command line: kiln.init=PATH (default /sbin/init), kiln.shell (a shell instead).
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+mnt() {
+  [ -d "$2" ] || mkdir -p "$2"
+  grep -qs " $2 " /proc/mounts || mount -t "$1" "$1" "$2" 2>/dev/null
+}
+mnt proc /proc
+mnt sysfs /sys
+mnt devtmpfs /dev
+init=/sbin/init
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
+  case "$arg" in
+    kiln.init=*) init="${arg#kiln.init=}" ;;
+    kiln.shell) init=/bin/sh ;;
+  esac
+done
+if [ ! -x "$init" ]; then
+  echo "kiln: $init is missing or not executable in this image; starting /bin/sh" >&2
+  exec /bin/sh
+fi
+echo "kiln: starting $init" >&2
+exec "$init" "$@"
+"#;
+
+/// What a build asks for besides the image itself.
+#[derive(Debug, Clone)]
+pub struct BundleSpec {
+    pub name: String,
+    pub kernel: KernelSpec,
+    pub cmdline: String,
+    pub compression: Compression,
+    pub level: i32,
+    pub exclude: Vec<String>,
+}
+
+pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
+
+/// A file written into a bundle.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileInfo {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Numbers about a written archive.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveInfo {
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+    pub compression: String,
+    pub level: i32,
+    pub entries: u64,
+    pub uncompressed_size: u64,
+}
+
+/// Compiles `exclude` globs. Patterns are absolute paths in the image (a missing leading `/`
+/// is added); `*` stays within one directory, `**` crosses them.
+pub fn exclude_set(patterns: &[String]) -> Result<GlobSet> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let abs = if p.starts_with('/') { p.clone() } else { format!("/{p}") };
+        let g = GlobBuilder::new(&abs)
+            .literal_separator(true)
+            .build()
+            .with_context(|| format!("exclude pattern {p:?} is not a valid glob"))?;
+        b.add(g);
+    }
+    Ok(b.build()?)
+}
+
+/// Writes the merged tree as a compressed newc archive; returns its digest and numbers.
+#[allow(clippy::too_many_arguments)]
+pub fn write_image(
+    tree: &Tree,
+    exclude: &GlobSet,
+    sde: i64,
+    compression: Compression,
+    level: i32,
+    threads: usize,
+    out: &Path,
+    file_name: &str,
+) -> Result<ArchiveInfo> {
+    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let comp = Compressor::new(HashingWriter::new(f), compression, level, threads)?;
+    let mut cpio = CpioWriter::new(BufWriter::with_capacity(1 << 20, comp));
+
+    // Which paths survive the exclude patterns (a dropped directory takes its subtree along).
+    let mut dropped_dirs: HashSet<&[u8]> = HashSet::new();
+    let mut kept = Vec::with_capacity(tree.nodes.len());
+    let mut abs = Vec::with_capacity(256);
+    for (path, node) in &tree.nodes {
+        if !path.is_empty() && !exclude.is_empty() {
+            let under_dropped = path
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'/' && dropped_dirs.contains(&path[..i]));
+            abs.clear();
+            abs.push(b'/');
+            abs.extend_from_slice(path);
+            let excluded = under_dropped || exclude.is_match(std::str::from_utf8(&abs).unwrap_or_default());
+            if excluded {
+                if node.kind == Kind::Dir {
+                    dropped_dirs.insert(path);
+                }
+                continue;
+            }
+        }
+        kept.push((path, node));
+    }
+    let groups = group_sizes(kept.iter().map(|(_, n)| *n));
+    let mut group_ino: HashMap<u32, (u32, u32)> = HashMap::new(); // group → (ino, emitted)
+    let mut next_ino = 0u32;
+    let clamp = |t: i64| t.clamp(0, sde.clamp(0, u32::MAX as i64)) as u32;
+    for (path, node) in &kept {
+        let name: &[u8] = if path.is_empty() { b"." } else { path };
+        let mut entry = CpioEntry {
+            name,
+            ino: 0,
+            mode: node.st_mode(),
+            uid: node.uid,
+            gid: node.gid,
+            nlink: 1,
+            mtime: clamp(node.mtime),
+            size: 0,
+            rdev_major: 0,
+            rdev_minor: 0,
+        };
+        match &node.kind {
+            Kind::Dir => {
+                next_ino += 1;
+                entry.ino = next_ino;
+                entry.nlink = 2;
+                cpio.write_entry(&entry, None)?;
+            }
+            Kind::File { size, group, .. } => {
+                let total = groups.get(group).copied().unwrap_or(1);
+                let slot = group_ino.entry(*group).or_insert_with(|| {
+                    next_ino += 1;
+                    (next_ino, 0)
+                });
+                slot.1 += 1;
+                entry.ino = slot.0;
+                entry.nlink = total;
+                // newc carries the data of a hardlinked file once, with its last link.
+                if slot.1 == total {
+                    entry.size = *size;
+                    let mut data = tree.open_data(path, node)?;
+                    cpio.write_entry(&entry, Some(&mut data)).with_context(|| format!("archiving /{}", show(path)))?;
+                } else {
+                    cpio.write_entry(&entry, None)?;
+                }
+            }
+            Kind::Symlink(target) => {
+                next_ino += 1;
+                entry.ino = next_ino;
+                entry.size = target.len() as u64;
+                cpio.write_entry(&entry, Some(&mut &target[..]))?;
+            }
+            Kind::Char { major, minor } | Kind::Block { major, minor } => {
+                next_ino += 1;
+                entry.ino = next_ino;
+                entry.rdev_major = *major;
+                entry.rdev_minor = *minor;
+                cpio.write_entry(&entry, None)?;
+            }
+            Kind::Fifo => {
+                next_ino += 1;
+                entry.ino = next_ino;
+                cpio.write_entry(&entry, None)?;
+            }
+        }
+    }
+    finish_archive(cpio, out, file_name, compression, level, kept.len() as u64 + 1)
+}
+
+fn finish_archive(
+    cpio: CpioWriter<BufWriter<Compressor<HashingWriter<File>>>>,
+    out: &Path,
+    file_name: &str,
+    compression: Compression,
+    level: i32,
+    entries: u64,
+) -> Result<ArchiveInfo> {
+    let (buf, uncompressed_size) = cpio.finish()?;
+    let comp = buf.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", out.display()))?;
+    let hashing = comp.finish().with_context(|| format!("writing {}", out.display()))?;
+    let (f, digest, size) = hashing.finish();
+    f.sync_all().with_context(|| format!("syncing {}", out.display()))?;
+    Ok(ArchiveInfo {
+        file: file_name.to_string(),
+        sha256: digest.hex(),
+        size,
+        compression: compression.name().to_string(),
+        level,
+        entries,
+        uncompressed_size,
+    })
+}
+
+/// Writes kiln's initramfs: `/init` (the shim) and the device nodes the kernel needs to give
+/// it a console before `/dev` is mounted.
+pub fn write_initramfs(sde: i64, compression: Compression, level: i32, out: &Path) -> Result<ArchiveInfo> {
+    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let comp = Compressor::new(HashingWriter::new(f), compression, level, 1)?;
+    let mut cpio = CpioWriter::new(BufWriter::new(comp));
+    let mtime = sde.clamp(0, u32::MAX as i64) as u32;
+    let dir = |name: &'static [u8], ino| CpioEntry { name, ino, mode: libc::S_IFDIR | 0o755, nlink: 2, mtime, ..Default::default() };
+    let chr = |name: &'static [u8], ino, perm, major, minor| CpioEntry {
+        name,
+        ino,
+        mode: libc::S_IFCHR | perm,
+        nlink: 1,
+        mtime,
+        rdev_major: major,
+        rdev_minor: minor,
+        ..Default::default()
+    };
+    cpio.write_entry(&dir(b".", 1), None)?;
+    cpio.write_entry(&dir(b"dev", 2), None)?;
+    cpio.write_entry(&chr(b"dev/console", 3, 0o600, 5, 1), None)?;
+    cpio.write_entry(&chr(b"dev/null", 4, 0o666, 1, 3), None)?;
+    let init = CpioEntry {
+        name: b"init",
+        ino: 5,
+        mode: libc::S_IFREG | 0o755,
+        nlink: 1,
+        mtime,
+        size: INIT_SHIM.len() as u64,
+        ..Default::default()
+    };
+    cpio.write_entry(&init, Some(&mut INIT_SHIM.as_bytes()))?;
+    finish_archive(cpio, out, "initramfs", compression, level, 6)
+}
+
+/// Copies the kernel out of the tree into `out`, checking it looks like a kernel for `arch`.
+pub fn write_kernel(tree: &Tree, found: &FoundKernel, arch: &str, out: &Path) -> Result<FileInfo> {
+    let node = tree.nodes.get(&found.path).context("internal: kernel vanished from the tree")?;
+    let mut data = tree.open_data(&found.path, node)?;
+    let mut head = vec![0u8; 1024];
+    let n = read_up_to(&mut data, &mut head)?;
+    head.truncate(n);
+    kernel::check_format(&head, arch, &show(&found.path))?;
+    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = HashingWriter::new(BufWriter::new(f));
+    w.write_all(&head)?;
+    io::copy(&mut data, &mut w).with_context(|| format!("copying the kernel /{}", show(&found.path)))?;
+    let (buf, digest, size) = w.finish();
+    let f = buf.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    if let Kind::File { size: expected, .. } = node.kind {
+        if expected != size {
+            bail!("the kernel /{} is truncated in the image", show(&found.path));
+        }
+    }
+    Ok(FileInfo { sha256: digest.hex(), size })
+}
+
+fn read_up_to(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = r.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+/// Hash of the shim, part of every bundle's store key so a changed shim rebuilds bundles.
+pub fn init_shim_digest() -> Digest {
+    Digest::of_bytes(INIT_SHIM.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclude_patterns_are_absolute_and_respect_directories() {
+        let set = exclude_set(&["/var/cache/**".into(), "usr/share/doc/*".into()]).unwrap();
+        assert!(set.is_match("/var/cache/apt/x.bin"));
+        assert!(!set.is_match("/var/cache"));
+        assert!(set.is_match("/usr/share/doc/bash"));
+        assert!(!set.is_match("/usr/share/doc/bash/copyright"));
+        assert!(exclude_set(&["/a/[".into()]).unwrap_err().to_string().contains("not a valid glob"));
+    }
+
+    #[test]
+    fn shim_is_posix_sh_and_execs_the_image_init() {
+        assert!(INIT_SHIM.starts_with("#!/bin/sh\n"));
+        assert!(INIT_SHIM.contains("exec \"$init\""));
+    }
+}

@@ -1,0 +1,273 @@
+//! Command-line definitions and output formatting. Each subcommand parses here and calls one
+//! function of its part; nothing here knows how the work is done.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::archive::Compression;
+use crate::build::{self, BuildOptions};
+use crate::bundle::{BundleSpec, KernelSpec, DEFAULT_CMDLINE};
+use crate::image::{FetchOptions, RegistryOptions, Source};
+use crate::recipe::{check_name, LoadedRecipe};
+use crate::store::Store;
+
+/// kiln: stateless bare-metal provisioning. Builds reproducible boot bundles from OCI images,
+/// builds iPXE, and serves nodes that boot from RAM.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, max_term_width = 100)]
+pub struct Cli {
+    /// Print nothing but results and errors (no progress).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More log output (-v: info, -vv: debug). KILN_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build boot bundles (kernel + initramfs + image + manifest) into the store.
+    ///
+    /// With --from and --name, builds that one image. Otherwise builds every [image.NAME] of
+    /// the recipe (./kiln.toml by default), pinning registry tags in kiln.lock beside it.
+    /// Prints each bundle's store path. Example:
+    ///
+    ///   kiln build --from oci-archive:rocky9.tar --name compute
+    Build(BuildArgs),
+    /// Inspect and maintain the store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArg {
+    /// Store root. By default: /var/lib/kiln for root, else $XDG_DATA_HOME/kiln.
+    #[arg(long, env = "KILN_STORE", global = true)]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    pub fn open(&self) -> Result<Store> {
+        let root = self.store.clone().unwrap_or_else(crate::util::default_store_root);
+        Store::open(&root)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Image to build from: docker://REF, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE,
+    /// dir:PATH or tar:FILE. Needs --name.
+    #[arg(long, requires = "name")]
+    pub from: Option<String>,
+    /// Bundle name (with --from), or the [image.NAME] tables of the recipe to build (default: all).
+    #[arg(long)]
+    pub name: Vec<String>,
+    /// Recipe file.
+    #[arg(long, short = 'f', default_value = "kiln.toml")]
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// Print one JSON object per bundle: {"name","path","manifest"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Refuse to resolve anything kiln.lock does not pin.
+    #[arg(long, conflicts_with = "update")]
+    pub locked: bool,
+    /// Resolve tags again and rewrite kiln.lock.
+    #[arg(long)]
+    pub update: bool,
+    /// With --from: the kernel, "auto" (found in the image) or a path in the image.
+    #[arg(long, default_value = "auto")]
+    pub kernel: String,
+    /// With --from: the kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// With --from: zstd, gzip or none.
+    #[arg(long, default_value = "zstd")]
+    pub compression: String,
+    /// With --from: compression level (default: 3 for zstd, 6 for gzip).
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// With --from: leave out paths matching this glob (repeatable), e.g. '/var/cache/**'.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Clamp file times to this; by default the recipe's, else $SOURCE_DATE_EPOCH, else the
+    /// image's creation time.
+    #[arg(long)]
+    pub source_date_epoch: Option<i64>,
+    /// Architecture to pick from a multi-platform image (amd64, arm64). Default: this machine's.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Verify registry TLS certificates (--tls-verify=false for a local plain-HTTP registry).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_verify: bool,
+    /// Registry credentials file (containers-auth.json format).
+    #[arg(long)]
+    pub authfile: Option<PathBuf>,
+    /// Worker threads (default: all cores; KILN_THREADS also sets it). Outputs do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// List the store's outputs.
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+        /// One JSON array of {path,hash,name,kind,size,roots}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every output against its manifest; exits 1 if anything is wrong.
+    Verify {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove outputs no root points at (the last build of each name is a root).
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Build(args) => run_build(args),
+        Command::Store(cmd) => run_store(cmd),
+    }
+}
+
+fn run_build(args: BuildArgs) -> Result<ExitCode> {
+    let threads = args.threads.filter(|&n| n > 0).unwrap_or_else(crate::util::thread_count);
+    let opts = BuildOptions {
+        fetch: FetchOptions {
+            registry: RegistryOptions { tls_verify: args.tls_verify, authfile: args.authfile.clone() },
+            arch: args.arch.clone(),
+        },
+        threads,
+        source_date_epoch: args.source_date_epoch,
+        locked: args.locked,
+        update: args.update,
+    };
+    let built = if let Some(from) = &args.from {
+        let [name] = args.name.as_slice() else {
+            anyhow::bail!("--from builds one bundle: give exactly one --name");
+        };
+        check_name(name).context("--name")?;
+        let source = Source::parse(from).context("--from")?;
+        let compression = Compression::parse(&args.compression).context("--compression")?;
+        let level = args.level.unwrap_or_else(|| compression.default_level());
+        compression.check_level(level).context("--level")?;
+        crate::bundle::exclude_set(&args.exclude).context("--exclude")?;
+        let spec = BundleSpec {
+            name: name.clone(),
+            kernel: KernelSpec::parse(&args.kernel),
+            cmdline: args.cmdline.clone(),
+            compression,
+            level,
+            exclude: args.exclude.clone(),
+        };
+        let store = args.store.open()?;
+        vec![build::build_from(&store, &source, &spec, &opts)?]
+    } else {
+        if !args.recipe.exists() {
+            anyhow::bail!(
+                "{} not found: write a recipe (see docs/recipe.md) or build one image with --from SOURCE --name NAME",
+                args.recipe.display()
+            );
+        }
+        let loaded = LoadedRecipe::load(&args.recipe)?;
+        let store = args.store.open()?;
+        build::build_recipe(&store, &loaded, &args.name, &opts)?
+    };
+    let mut out = std::io::stdout().lock();
+    for b in &built {
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(b)?)?;
+        } else {
+            writeln!(out, "{}", b.path.display())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_store(cmd: StoreCommand) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        StoreCommand::Ls { store, json } => {
+            let items = store.open()?.list()?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
+            } else {
+                for i in &items {
+                    let roots = if i.roots.is_empty() { "-".to_string() } else { i.roots.join(",") };
+                    writeln!(out, "{:<10} {:>12} {:<24} {}", i.kind, human_size(i.size), roots, i.path.display())?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Verify { store, json } => {
+            let (count, problems) = store.open()?.verify()?;
+            if json {
+                let v = serde_json::json!({ "checked": count, "ok": problems.is_empty(), "problems": problems });
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else if problems.is_empty() {
+                writeln!(out, "{count} output(s) verified, no problems")?;
+            } else {
+                for p in &problems {
+                    writeln!(out, "{}: {}", p.path.display(), p.problem)?;
+                }
+                writeln!(out, "{} problem(s) in {count} output(s); rebuild the affected outputs", problems.len())?;
+            }
+            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        StoreCommand::Gc { store, dry_run, json } => {
+            let report = store.open()?.gc(dry_run)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                for p in &report.removed {
+                    writeln!(out, "{} {}", if dry_run { "would remove" } else { "removed" }, p.display())?;
+                }
+                writeln!(
+                    out,
+                    "{} output(s) {}, {} kept, {} freed",
+                    report.removed.len(),
+                    if dry_run { "unreferenced" } else { "removed" },
+                    report.kept,
+                    human_size(report.freed_bytes)
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,165 @@
+//! `docker://` sources, read through skopeo's image proxy (`skopeo experimental-image-proxy`)
+//! with the `containers-image-proxy` crate, so registries, auth files, mirrors and
+//! `registries.conf` behave as they do for podman and skopeo.
+//!
+//! Blobs are downloaded into the build's spool directory (the proxy checks their size and
+//! digest, and kiln checks the digest again when it reads them).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use super::{BlobLoc, ImageConfig, LayerBlob};
+use crate::util::Digest;
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Verify TLS certificates (`--tls-verify=false` for a local plain-HTTP registry).
+    pub tls_verify: bool,
+    /// A containers auth file (`--authfile`), else the usual locations.
+    pub authfile: Option<PathBuf>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions { tls_verify: true, authfile: None }
+    }
+}
+
+pub struct RemoteLayer {
+    digest: Digest,
+    size: u64,
+}
+
+pub struct Resolved {
+    pub digest: Digest,
+    pub pinned: String,
+    pub config: ImageConfig,
+    pub layers: Vec<RemoteLayer>,
+}
+
+/// An open connection to the proxy with the image opened in it.
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    proxy: ImageProxy,
+    img: OpenedImage,
+    reference: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Desc,
+    #[serde(default)]
+    layers: Vec<Desc>,
+}
+
+#[derive(Deserialize)]
+struct Desc {
+    digest: String,
+    size: u64,
+}
+
+impl Session {
+    pub fn open(reference: &str, opts: &RegistryOptions) -> Result<(Self, Resolved)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let full = format!("docker://{reference}");
+        let (proxy, img) = rt.block_on(async {
+            let mut config = ImageProxyConfig::default();
+            config.authfile = opts.authfile.clone();
+            config.insecure_skip_tls_verification = Some(!opts.tls_verify);
+            let proxy = ImageProxy::new_with_config(config).await.context(
+                "starting skopeo's image proxy (docker:// sources need skopeo; on Debian/Ubuntu: apt-get install skopeo)",
+            )?;
+            let img = proxy.open_image(&full).await.with_context(|| format!("opening {full}"))?;
+            anyhow::Ok((proxy, img))
+        })?;
+        let session = Session { rt, proxy, img, reference: full.clone() };
+        let (digest, raw) = session
+            .rt
+            .block_on(session.proxy.fetch_manifest_raw_oci(&session.img))
+            .with_context(|| format!("fetching the manifest of {full}"))?;
+        let digest = Digest::parse(&digest).with_context(|| format!("{full}: manifest digest"))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).with_context(|| format!("{full}: the manifest is not a valid image manifest"))?;
+        let config_bytes = session
+            .rt
+            .block_on(session.proxy.fetch_config_raw(&session.img))
+            .with_context(|| format!("fetching the config of {full}"))?;
+        let config_digest = Digest::parse(&manifest.config.digest)?;
+        if Digest::of_bytes(&config_bytes) != config_digest {
+            bail!("{full}: the config does not match its digest {config_digest}");
+        }
+        let config = ImageConfig::parse(&config_bytes, &format!("{full}: config"))?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| Ok(RemoteLayer { digest: Digest::parse(&l.digest)?, size: l.size }))
+            .collect::<Result<Vec<_>>>()?;
+        let pinned = format!("docker://{}@{digest}", repository_of(reference));
+        Ok((session, Resolved { digest, pinned, config, layers }))
+    }
+
+    /// Downloads each layer blob into `spool_dir`.
+    pub fn download(self, layers: &[RemoteLayer], spool_dir: &Path) -> Result<Vec<LayerBlob>> {
+        let mut out = Vec::with_capacity(layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            let path = spool_dir.join(format!("blob-{}", layer.digest.hex()));
+            self.rt
+                .block_on(async {
+                    let oci_digest: containers_image_proxy::oci_spec::image::Digest =
+                        layer.digest.to_string().parse().context("digest")?;
+                    let (mut reader, driver) = self.proxy.get_blob(&self.img, &oci_digest, layer.size).await?;
+                    let mut file = tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
+                    let copy = async {
+                        tokio::io::copy_buf(&mut reader, &mut file).await?;
+                        file.flush().await?;
+                        anyhow::Ok(())
+                    };
+                    let (copied, driven) = tokio::join!(copy, driver);
+                    copied?;
+                    driven?;
+                    anyhow::Ok(())
+                })
+                .with_context(|| format!("downloading layer {} ({}) of {}", i + 1, layer.digest, self.reference))?;
+            out.push(LayerBlob {
+                digest: Some(layer.digest.clone()),
+                diff_id: None,
+                size: Some(layer.size),
+                loc: BlobLoc::whole_file(path, layer.size),
+                label: format!("layer {} ({})", i + 1, layer.digest),
+            });
+        }
+        let _ = self.rt.block_on(self.proxy.finalize());
+        Ok(out)
+    }
+}
+
+/// `registry/repo:tag` or `registry/repo@sha256:…` → `registry/repo`.
+pub fn repository_of(reference: &str) -> &str {
+    let no_digest = reference.split('@').next().unwrap_or(reference);
+    match no_digest.rfind(':') {
+        // A ':' after the last '/' separates the tag; before it, it is a registry port.
+        Some(colon) if colon > no_digest.rfind('/').unwrap_or(0) => &no_digest[..colon],
+        _ => no_digest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repository_of;
+
+    #[test]
+    fn repository_strips_tag_and_digest_not_port() {
+        assert_eq!(repository_of("localhost:5000/kiln/tiny:latest"), "localhost:5000/kiln/tiny");
+        assert_eq!(repository_of("localhost:5000/kiln/tiny"), "localhost:5000/kiln/tiny");
+        assert_eq!(repository_of("quay.io/a/b@sha256:abc"), "quay.io/a/b");
+        assert_eq!(repository_of("debian:12"), "debian");
+    }
+}
