@@ -37,9 +37,11 @@ pub struct BuildOptions {
 /// `SOURCE_DATE_EPOCH` from the environment, if set; a malformed value is an error, not ignored.
 pub fn env_source_date_epoch() -> Result<Option<i64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().parse().with_context(|| {
-            format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970")
-        })?)),
+        Ok(v) if !v.trim().is_empty() => Ok(Some(
+            v.trim()
+                .parse()
+                .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970"))?,
+        )),
         _ => Ok(None),
     }
 }
@@ -58,11 +60,18 @@ pub fn build_bundle(
         None => env_source_date_epoch()?.or(resolved.config.created).unwrap_or(0),
     };
     let arch = image::kernel_arch(&resolved.config.architecture).to_string();
+    // Registry images are recorded by digest, local ones by file name: either way a function
+    // of the inputs, so the manifest is the same wherever and whenever the bundle is built.
+    let reference = resolved.pinned.clone().unwrap_or_else(|| resolved.source.portable_reference());
     let inputs = json!({
         "kind": "bundle",
         "format": FORMAT_VERSION,
         "name": spec.name,
-        "source": { "transport": resolved.source.transport(), "digest": resolved.digest.to_string() },
+        "source": {
+            "transport": resolved.source.transport(),
+            "digest": resolved.digest.to_string(),
+            "reference": reference,
+        },
         "arch": arch,
         "kernel": spec.kernel.as_str(),
         "cmdline": spec.cmdline,
@@ -89,7 +98,12 @@ pub fn build_bundle(
     progress.step("finding the kernel");
     let found = bundle::kernel::find(&tree, &spec.kernel)?;
     let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
-    progress.step(format!("writing image ({} entries, {} level {})", tree.nodes.len(), spec.compression.name(), spec.level));
+    progress.step(format!(
+        "writing image ({} entries, {} level {})",
+        tree.nodes.len(),
+        spec.compression.name(),
+        spec.level
+    ));
     let image_info = bundle::write_image(
         &tree,
         &exclude,
@@ -122,7 +136,7 @@ pub fn build_bundle(
         "initrds": [initramfs, image_info],
         "cmdline": spec.cmdline,
         "source": {
-            "reference": source.portable_reference(),
+            "reference": reference,
             "transport": source.transport(),
             "digest": digest.to_string(),
         },

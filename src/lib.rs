@@ -9,6 +9,7 @@ pub mod build;
 pub mod bundle;
 pub mod cli;
 pub mod image;
+pub mod ipxe;
 pub mod recipe;
 pub mod store;
 pub mod util;

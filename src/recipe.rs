@@ -101,7 +101,9 @@ pub fn check_name(name: &str) -> Result<()> {
         || name.starts_with(['.', '-'])
         || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        bail!("name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.' or '-'");
+        bail!(
+            "name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        );
     }
     Ok(())
 }
@@ -164,7 +166,10 @@ impl Lock {
     pub fn load(path: &Path) -> Result<Lock> {
         match std::fs::read_to_string(path) {
             Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {
-                format!("{} is not a valid lock file (delete it and run `kiln build --update` to recreate it)", path.display())
+                format!(
+                    "{} is not a valid lock file (delete it and run `kiln build --update` to recreate it)",
+                    path.display()
+                )
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock { version: 1, ..Default::default() }),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -232,7 +237,8 @@ mac = "52:54:00:00:00:01"
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kiln.lock");
         let mut lock = Lock::load(&p).unwrap();
-        lock.image.insert("c".into(), LockedImage { from: "docker://a/b:1".into(), pinned: "docker://a/b@sha256:00".into() });
+        lock.image
+            .insert("c".into(), LockedImage { from: "docker://a/b:1".into(), pinned: "docker://a/b@sha256:00".into() });
         lock.save(&p).unwrap();
         assert_eq!(Lock::load(&p).unwrap(), lock);
     }

@@ -279,7 +279,15 @@ pub fn verify_output(dir: &Path) -> Vec<Problem> {
         match sha256_file(&p) {
             Ok((digest, size)) => {
                 if size != want.size || digest.hex() != want.sha256 {
-                    problem(p, format!("content changed: sha256 {} ({size} bytes), manifest says {} ({} bytes)", digest.hex(), want.sha256, want.size));
+                    problem(
+                        p,
+                        format!(
+                            "content changed: sha256 {} ({size} bytes), manifest says {} ({} bytes)",
+                            digest.hex(),
+                            want.sha256,
+                            want.size
+                        ),
+                    );
                 }
             }
             Err(e) => problem(p, format!("{e:#}")),
@@ -297,9 +305,7 @@ pub fn verify_output(dir: &Path) -> Vec<Problem> {
 }
 
 fn dir_size(p: &Path) -> u64 {
-    fs::read_dir(p)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0)
+    fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
 /// Writes an output's manifest: canonical JSON (sorted keys), pretty-printed, newline-ended.
@@ -324,8 +330,11 @@ mod tests {
         let p = store.begin("x").unwrap();
         fs::write(p.dir().join("f"), b"data").unwrap();
         let (digest, size) = sha256_file(&p.dir().join("f")).unwrap();
-        write_manifest(p.dir(), &serde_json::json!({"kind": "test", "files": {"f": {"sha256": digest.hex(), "size": size}}}))
-            .unwrap();
+        write_manifest(
+            p.dir(),
+            &serde_json::json!({"kind": "test", "files": {"f": {"sha256": digest.hex(), "size": size}}}),
+        )
+        .unwrap();
         let out = store.commit(p, &hash, "x").unwrap();
         assert_eq!(store.lookup(&hash, "x").unwrap(), out);
         assert!(store.verify().unwrap().1.is_empty());

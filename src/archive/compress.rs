@@ -76,7 +76,10 @@ impl<W: Write> Compressor<W> {
                 Compressor::Zstd(enc)
             }
             Compression::Gzip => Compressor::Gzip(
-                flate2::GzBuilder::new().mtime(0).operating_system(3).write(out, flate2::Compression::new(level as u32)),
+                flate2::GzBuilder::new()
+                    .mtime(0)
+                    .operating_system(3)
+                    .write(out, flate2::Compression::new(level as u32)),
             ),
             Compression::None => Compressor::None(out),
         })

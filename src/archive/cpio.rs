@@ -103,7 +103,7 @@ impl<W: Write> CpioWriter<W> {
 }
 
 fn pad_to_4(buf: &mut Vec<u8>, start: u64) {
-    while (start + buf.len() as u64) % 4 != 0 {
+    while !(start + buf.len() as u64).is_multiple_of(4) {
         buf.push(0);
     }
 }

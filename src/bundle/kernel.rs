@@ -100,7 +100,8 @@ pub fn find(tree: &Tree, spec: &KernelSpec) -> Result<FoundKernel> {
             if !matches!(node.kind, Kind::File { .. }) {
                 bail!("the kernel named in the recipe ({p}) is not a regular file");
             }
-            let version = candidate_version(&real).or_else(|| only_module_dir(tree)).unwrap_or_else(|| "unknown".into());
+            let version =
+                candidate_version(&real).or_else(|| only_module_dir(tree)).unwrap_or_else(|| "unknown".into());
             Ok(FoundKernel { path: real, version })
         }
         KernelSpec::Auto => {

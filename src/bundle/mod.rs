@@ -127,10 +127,7 @@ pub fn write_image(
     let mut abs = Vec::with_capacity(256);
     for (path, node) in &tree.nodes {
         if !path.is_empty() && !exclude.is_empty() {
-            let under_dropped = path
-                .iter()
-                .enumerate()
-                .any(|(i, &b)| b == b'/' && dropped_dirs.contains(&path[..i]));
+            let under_dropped = path.iter().enumerate().any(|(i, &b)| b == b'/' && dropped_dirs.contains(&path[..i]));
             abs.clear();
             abs.push(b'/');
             abs.extend_from_slice(path);
@@ -241,7 +238,14 @@ pub fn write_initramfs(sde: i64, compression: Compression, level: i32, out: &Pat
     let comp = Compressor::new(HashingWriter::new(f), compression, level, 1)?;
     let mut cpio = CpioWriter::new(BufWriter::new(comp));
     let mtime = sde.clamp(0, u32::MAX as i64) as u32;
-    let dir = |name: &'static [u8], ino| CpioEntry { name, ino, mode: libc::S_IFDIR | 0o755, nlink: 2, mtime, ..Default::default() };
+    let dir = |name: &'static [u8], ino| CpioEntry {
+        name,
+        ino,
+        mode: libc::S_IFDIR | 0o755,
+        nlink: 2,
+        mtime,
+        ..Default::default()
+    };
     let chr = |name: &'static [u8], ino, perm, major, minor| CpioEntry {
         name,
         ino,

@@ -39,10 +39,21 @@ pub enum Command {
     /// Prints each bundle's store path. Example:
     ///
     ///   kiln build --from oci-archive:rocky9.tar --name compute
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Inspect and maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Build iPXE from source into the store (reproducibly, cached by its inputs).
+    ///
+    /// Builds bin-x86_64-efi/snponly.efi, bin-x86_64-pcbios/undionly.kpxe and
+    /// bin-arm64-efi/snponly.efi by default, from upstream iPXE at a commit pinned in kiln, with
+    /// VLAN commands, serial and framebuffer consoles and gzip/zlib images on. With kiln.toml's
+    /// [ipxe.NAME] tables and no build flags, builds those. Prints the store path; --dest also
+    /// copies the binaries under Warewulf's names. Examples:
+    ///
+    ///   kiln build-ipxe --vlan 1000 --dest /srv/tftp
+    ///   kiln build-ipxe --source ~/src/ipxe --embed site.ipxe --option DOWNLOAD_PROTO_HTTPS
+    BuildIpxe(crate::ipxe::BuildIpxeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -146,8 +157,9 @@ pub enum StoreCommand {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build(args) => run_build(args),
+        Command::Build(args) => run_build(*args),
         Command::Store(cmd) => run_store(cmd),
+        Command::BuildIpxe(args) => crate::ipxe::run(args),
     }
 }
 

@@ -73,7 +73,12 @@ pub fn parse_rfc3339(s: &str) -> Result<i64> {
         }
         Ok(part.parse()?)
     };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':'
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         bail!("not an RFC 3339 timestamp");
     }

@@ -156,19 +156,32 @@ impl Layout {
         let index: Index =
             serde_json::from_slice(&index_bytes).with_context(|| format!("{}: index.json is not valid", self.label))?;
         let chosen: Vec<&Descriptor> = match tag {
-            Some(t) => index.manifests.iter().filter(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str) == Some(t)).collect(),
+            Some(t) => index
+                .manifests
+                .iter()
+                .filter(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str) == Some(t))
+                .collect(),
             None => index.manifests.iter().collect(),
         };
         let desc = match chosen.as_slice() {
             [one] => *one,
             [] if tag.is_some() => {
-                let tags: Vec<&str> =
-                    index.manifests.iter().filter_map(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str)).collect();
-                bail!("{}: no image is tagged {:?}; tags present: {}", self.label, tag.unwrap_or_default(), tags.join(", "))
+                let tags: Vec<&str> = index
+                    .manifests
+                    .iter()
+                    .filter_map(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str))
+                    .collect();
+                bail!(
+                    "{}: no image is tagged {:?}; tags present: {}",
+                    self.label,
+                    tag.unwrap_or_default(),
+                    tags.join(", ")
+                )
             }
             [] => bail!("{}: index.json lists no images", self.label),
             many => {
-                let tags: Vec<&str> = many.iter().filter_map(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str)).collect();
+                let tags: Vec<&str> =
+                    many.iter().filter_map(|m| m.annotations.get(TAG_ANNOTATION).map(String::as_str)).collect();
                 bail!("{}: holds several images; name one with oci:DIR:TAG (tags: {})", self.label, tags.join(", "))
             }
         };
@@ -191,7 +204,9 @@ impl Layout {
             let subs = manifest.manifests.unwrap_or_default();
             let pick = subs
                 .iter()
-                .find(|m| m.platform.as_ref().is_some_and(|p| p.architecture == arch && (p.os.is_empty() || p.os == "linux")))
+                .find(|m| {
+                    m.platform.as_ref().is_some_and(|p| p.architecture == arch && (p.os.is_empty() || p.os == "linux"))
+                })
                 .with_context(|| {
                     let have: Vec<String> =
                         subs.iter().filter_map(|m| m.platform.as_ref().map(|p| p.architecture.clone())).collect();
@@ -217,7 +232,11 @@ impl Layout {
             let loc = self.blob(&d)?;
             if let Some(size) = l.size {
                 if size != loc.len {
-                    bail!("{}: layer {d} should be {size} bytes but is {}: the blob is truncated or corrupt", self.label, loc.len);
+                    bail!(
+                        "{}: layer {d} should be {size} bytes but is {}: the blob is truncated or corrupt",
+                        self.label,
+                        loc.len
+                    );
                 }
             }
             layers.push(LayerBlob {
@@ -252,15 +271,15 @@ pub fn index_tar(file: &Path) -> Result<HashMap<String, BlobLoc>> {
     let mut members = HashMap::new();
     for entry in archive.entries_with_seek().with_context(|| format!("reading {}", file.display()))? {
         let entry = entry.with_context(|| format!("{} is not a valid tar archive", file.display()))?;
-        if entry.header().entry_type() != tar::EntryType::Regular && entry.header().entry_type() != tar::EntryType::Continuous {
+        if entry.header().entry_type() != tar::EntryType::Regular
+            && entry.header().entry_type() != tar::EntryType::Continuous
+        {
             continue;
         }
         let name = entry.path().with_context(|| format!("{}: bad member name", file.display()))?;
         let name = name.to_string_lossy().trim_start_matches("./").to_string();
-        members.insert(
-            name,
-            BlobLoc { path: file.to_path_buf(), offset: entry.raw_file_position(), len: entry.size() },
-        );
+        members
+            .insert(name, BlobLoc { path: file.to_path_buf(), offset: entry.raw_file_position(), len: entry.size() });
     }
     Ok(members)
 }

@@ -65,10 +65,8 @@ struct Desc {
 
 impl Session {
     pub fn open(reference: &str, opts: &RegistryOptions) -> Result<(Self, Resolved)> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
         let full = format!("docker://{reference}");
         let (proxy, img) = rt.block_on(async {
             let mut config = ImageProxyConfig::default();
@@ -86,8 +84,8 @@ impl Session {
             .block_on(session.proxy.fetch_manifest_raw_oci(&session.img))
             .with_context(|| format!("fetching the manifest of {full}"))?;
         let digest = Digest::parse(&digest).with_context(|| format!("{full}: manifest digest"))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&raw).with_context(|| format!("{full}: the manifest is not a valid image manifest"))?;
+        let manifest: Manifest = serde_json::from_slice(&raw)
+            .with_context(|| format!("{full}: the manifest is not a valid image manifest"))?;
         let config_bytes = session
             .rt
             .block_on(session.proxy.fetch_config_raw(&session.img))
@@ -116,7 +114,8 @@ impl Session {
                     let oci_digest: containers_image_proxy::oci_spec::image::Digest =
                         layer.digest.to_string().parse().context("digest")?;
                     let (mut reader, driver) = self.proxy.get_blob(&self.img, &oci_digest, layer.size).await?;
-                    let mut file = tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
+                    let mut file =
+                        tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
                     let copy = async {
                         tokio::io::copy_buf(&mut reader, &mut file).await?;
                         file.flush().await?;

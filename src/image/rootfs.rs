@@ -71,7 +71,7 @@ pub fn hash_tree(root: &Path) -> Result<Digest> {
             io::copy(&mut f, &mut w).with_context(|| format!("reading {}", full.display()))?;
         }
     }
-    Ok(Digest::from_hex(&hex::encode(h.finalize()))?)
+    Digest::from_hex(&hex::encode(h.finalize()))
 }
 
 struct HashWrite<'a>(&'a mut Sha256);

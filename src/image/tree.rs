@@ -31,10 +31,20 @@ use crate::util::HashingReader;
 pub enum Kind {
     Dir,
     /// A regular file; `group` ties hardlinks together.
-    File { data: DataRef, size: u64, group: u32 },
+    File {
+        data: DataRef,
+        size: u64,
+        group: u32,
+    },
     Symlink(Vec<u8>),
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -94,6 +104,9 @@ pub struct Tree {
     next_group: u32,
 }
 
+/// A layer's entries and where their contents are.
+type ScannedLayer = (Vec<RawEntry>, DataFile);
+
 /// One tar entry as read from a layer, before merging.
 #[derive(Debug)]
 pub(crate) struct RawEntry {
@@ -131,7 +144,7 @@ impl Tree {
 
     /// Reads every layer (in parallel, `threads` at a time) and applies them in order.
     pub fn from_layers(layers: &[LayerBlob], spool_dir: &Path, threads: usize) -> Result<Tree> {
-        let results: Vec<Mutex<Option<Result<(Vec<RawEntry>, DataFile)>>>> =
+        let results: Vec<Mutex<Option<Result<ScannedLayer>>>> =
             layers.iter().map(|_| Mutex::new(None)).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -212,7 +225,11 @@ impl Tree {
                             self.replace(e.path, linked);
                             continue;
                         }
-                        Some(_) => bail!("hardlink /{} points to /{}, which is not a regular file", show(&e.path), show(&target)),
+                        Some(_) => bail!(
+                            "hardlink /{} points to /{}, which is not a regular file",
+                            show(&e.path),
+                            show(&target)
+                        ),
                         None => bail!("hardlink /{} points to /{}, which does not exist", show(&e.path), show(&target)),
                     }
                 }
@@ -291,7 +308,9 @@ impl Tree {
             bail!("internal: /{} is not a regular file", show(path));
         };
         match self.files.get(data.file as usize) {
-            Some(DataFile::Handle { file, base }) => Ok(Box::new(PreadReader { file, pos: base + data.offset, left: size })),
+            Some(DataFile::Handle { file, base }) => {
+                Ok(Box::new(PreadReader { file, pos: base + data.offset, left: size }))
+            }
             Some(DataFile::Root(root)) => {
                 let full = root.join(OsStr::from_bytes(path));
                 let f = File::open(&full).with_context(|| format!("opening {}", full.display()))?;
@@ -385,7 +404,7 @@ fn sniff(head: &[u8]) -> Compression {
 
 /// Reads one layer's tar stream: its entries, and where their contents can be read later.
 /// The blob is checked against its digest (or the uncompressed stream against its diff_id).
-fn scan_layer(blob: &LayerBlob, spool_dir: &Path) -> Result<(Vec<RawEntry>, DataFile)> {
+fn scan_layer(blob: &LayerBlob, spool_dir: &Path) -> Result<ScannedLayer> {
     let what = &blob.label;
     let mut hashed = HashingReader::new(blob.loc.open()?);
     let mut entries = Vec::new();
@@ -406,7 +425,8 @@ fn scan_layer(blob: &LayerBlob, spool_dir: &Path) -> Result<(Vec<RawEntry>, Data
         };
         match compression {
             Compression::Plain => {
-                let file = File::open(&blob.loc.path).with_context(|| format!("opening {}", blob.loc.path.display()))?;
+                let file =
+                    File::open(&blob.loc.path).with_context(|| format!("opening {}", blob.loc.path.display()))?;
                 read_tar(&mut diff_hashed, &mut entries).map_err(|e| anyhow::anyhow!(corrupt(&format!("{e:#}"))))?;
                 data = DataFile::Handle { file, base: blob.loc.offset };
             }
@@ -497,7 +517,8 @@ fn raw_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<RawEntry>>
     if path.is_empty() && !matches!(kind, RawKind::Dir) {
         bail!("the root of the image is not a directory");
     }
-    let to_u32 = |v: u64, what: &str| u32::try_from(v).with_context(|| format!("/{}: {what} {v} is too large", show(&path)));
+    let to_u32 =
+        |v: u64, what: &str| u32::try_from(v).with_context(|| format!("/{}: {what} {v} is too large", show(&path)));
     Ok(Some(RawEntry { uid: to_u32(uid, "uid")?, gid: to_u32(gid, "gid")?, path, kind, mode, mtime }))
 }
 
@@ -507,10 +528,9 @@ pub fn normalize(p: &[u8]) -> Result<Vec<u8>> {
     for comp in p.split(|&b| b == b'/') {
         match comp {
             b"" | b"." => {}
-            b".." => bail!(
-                "path {:?} climbs out of the image root with '..'; the layer is malformed or hostile",
-                show(p)
-            ),
+            b".." => {
+                bail!("path {:?} climbs out of the image root with '..'; the layer is malformed or hostile", show(p))
+            }
             c => {
                 if !out.is_empty() {
                     out.push(b'/');
@@ -586,8 +606,20 @@ mod tests {
     #[test]
     fn whiteouts_remove_lower_layers_only() {
         let mut t = Tree::new();
-        t.apply(1, vec![dir("etc"), file("etc/a", 1), file("etc/b", 1), dir("opt"), file("opt/x", 1), dir("opt/d"), file("opt/d/y", 1)], 0)
-            .unwrap();
+        t.apply(
+            1,
+            vec![
+                dir("etc"),
+                file("etc/a", 1),
+                file("etc/b", 1),
+                dir("opt"),
+                file("opt/x", 1),
+                dir("opt/d"),
+                file("opt/d/y", 1),
+            ],
+            0,
+        )
+        .unwrap();
         t.apply(2, vec![file("etc/.wh.a", 0), file("opt/new", 1), file("opt/.wh..wh..opq", 0)], 0).unwrap();
         assert_eq!(paths(&t), vec!["", "etc", "etc/b", "opt", "opt/new"]);
     }
@@ -619,7 +651,14 @@ mod tests {
     #[test]
     fn writing_through_symlink_is_refused() {
         let mut t = Tree::new();
-        let link = RawEntry { path: b"evil".to_vec(), kind: RawKind::Symlink(b"/etc".to_vec()), mode: 0o777, uid: 0, gid: 0, mtime: 0 };
+        let link = RawEntry {
+            path: b"evil".to_vec(),
+            kind: RawKind::Symlink(b"/etc".to_vec()),
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
         let err = t.apply(1, vec![link, file("evil/passwd", 1)], 0).unwrap_err().to_string();
         assert!(err.contains("goes through the symlink /evil -> /etc"), "{err}");
     }
@@ -627,17 +666,38 @@ mod tests {
     #[test]
     fn hardlinks_share_a_group() {
         let mut t = Tree::new();
-        let link = RawEntry { path: b"b".to_vec(), kind: RawKind::HardLink(b"./a".to_vec()), mode: 0, uid: 0, gid: 0, mtime: 0 };
+        let link = RawEntry {
+            path: b"b".to_vec(),
+            kind: RawKind::HardLink(b"./a".to_vec()),
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
         t.apply(1, vec![file("a", 3), link], 0).unwrap();
         assert_eq!(t.nodes[&b"a"[..]].kind, t.nodes[&b"b"[..]].kind);
-        let dangling = RawEntry { path: b"c".to_vec(), kind: RawKind::HardLink(b"nope".to_vec()), mode: 0, uid: 0, gid: 0, mtime: 0 };
+        let dangling = RawEntry {
+            path: b"c".to_vec(),
+            kind: RawKind::HardLink(b"nope".to_vec()),
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
         assert!(t.apply(1, vec![dangling], 0).unwrap_err().to_string().contains("does not exist"));
     }
 
     #[test]
     fn resolve_follows_symlinks_inside_the_tree() {
         let mut t = Tree::new();
-        let l1 = RawEntry { path: b"vmlinuz".to_vec(), kind: RawKind::Symlink(b"boot/vmlinuz-1".to_vec()), mode: 0o777, uid: 0, gid: 0, mtime: 0 };
+        let l1 = RawEntry {
+            path: b"vmlinuz".to_vec(),
+            kind: RawKind::Symlink(b"boot/vmlinuz-1".to_vec()),
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
         t.apply(1, vec![dir("boot"), file("boot/vmlinuz-1", 1), l1], 0).unwrap();
         assert_eq!(t.resolve(b"/vmlinuz").unwrap().0, b"boot/vmlinuz-1");
     }

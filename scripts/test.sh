@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs all of kiln's tests: installs what they need (scripts/setup.sh), then checks formatting,
+# lints, the Nix flake's syntax, and runs the unit, integration and QEMU boot tests.
+# Fixtures are built on first use by scripts/fixtures/* and cached outside the checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== flake.nix parses"
+nix-instantiate --parse flake.nix >/dev/null
+echo "== cargo test"
+# Two test threads: QEMU boots under TCG share the machine's cores.
+cargo test --locked -- --test-threads=2

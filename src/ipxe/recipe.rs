@@ -1,0 +1,133 @@
+//! `[ipxe.NAME]` tables of kiln.toml, parsed into a [`BuildSpec`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::source::{SourceSpec, UPSTREAM_GIT};
+use super::BuildSpec;
+use crate::recipe::{check_name, LoadedRecipe};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IpxeRecipe {
+    targets: Option<Vec<String>>,
+    vlan: Option<u16>,
+    embed: Option<PathBuf>,
+    chain: Option<String>,
+    #[serde(default)]
+    options: Vec<String>,
+    #[serde(default)]
+    no_options: Vec<String>,
+    source: Option<RecipeSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeSource {
+    git: Option<String>,
+    rev: Option<String>,
+    path: Option<PathBuf>,
+}
+
+/// The build `[ipxe.NAME]` of `loaded` describes. Errors name the file, the table and the field.
+pub fn spec(loaded: &LoadedRecipe, name: &str) -> Result<BuildSpec> {
+    let table = loaded
+        .recipe
+        .ipxe
+        .get(name)
+        .with_context(|| format!("{} has no [ipxe.{name}]", loaded.path.display()))?;
+    let at = || format!("{}: [ipxe.{name}]", loaded.path.display());
+    check_name(name).with_context(at)?;
+    let r = IpxeRecipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| anyhow::anyhow!("{e}")).with_context(at)?;
+    let base = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let rel = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
+    let source = match r.source {
+        None => SourceSpec::upstream(),
+        Some(RecipeSource { path: Some(p), git: None, rev: None }) => SourceSpec::Path(rel(&p)),
+        Some(RecipeSource { path: Some(_), .. }) => {
+            bail!("{}: field `source`: give either path or git (with rev), not both", at())
+        }
+        Some(RecipeSource { git, rev, path: None }) => {
+            let url = git.unwrap_or_else(|| UPSTREAM_GIT.into());
+            let rev = rev.unwrap_or_else(|| "HEAD".into());
+            SourceSpec::Git { url, rev }
+        }
+    };
+    let targets = r.targets.unwrap_or_else(|| super::target::DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect());
+    BuildSpec::new(
+        super::Origin::Recipe,
+        name,
+        &targets,
+        source,
+        r.embed.as_ref().map(rel).as_deref(),
+        r.vlan,
+        r.chain.as_deref(),
+        r.options,
+        r.no_options,
+        loaded.recipe.source_date_epoch,
+    )
+    .with_context(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (tempfile::TempDir, LoadedRecipe) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kiln.toml");
+        std::fs::write(&p, text).unwrap();
+        let loaded = LoadedRecipe::load(&p).unwrap();
+        (d, loaded)
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let (d, loaded) = load(
+            r#"
+[ipxe.site]
+targets = ["bin-x86_64-efi/snponly.efi", "bin-x86_64-pcbios/undionly.kpxe", "bin-arm64-efi/snponly.efi"]
+vlan = 1000
+options = ["DOWNLOAD_PROTO_HTTPS"]
+source = { path = "../ipxe" }
+"#,
+        );
+        let s = spec(&loaded, "site").unwrap();
+        assert_eq!(s.targets.len(), 3);
+        assert_eq!(s.source, SourceSpec::Path(d.path().join("../ipxe")));
+        assert!(String::from_utf8_lossy(&s.embed.unwrap().text).contains("vcreate --tag 1000 net0"));
+        assert_eq!(s.options, ["DOWNLOAD_PROTO_HTTPS"]);
+    }
+
+    #[test]
+    fn defaults_to_pinned_upstream() {
+        let (_d, loaded) = load("[ipxe.plain]\n");
+        let s = spec(&loaded, "plain").unwrap();
+        assert_eq!(s.source, SourceSpec::upstream());
+        assert_eq!(s.targets.len(), 3);
+        assert!(s.embed.is_none());
+        let (_d, loaded) = load("[ipxe.g]\nsource = { git = \"https://example.org/ipxe\" }\n");
+        assert_eq!(spec(&loaded, "g").unwrap().source, SourceSpec::Git { url: "https://example.org/ipxe".into(), rev: "HEAD".into() });
+    }
+
+    #[test]
+    fn errors_name_file_table_and_field() {
+        let (_d, loaded) = load("[ipxe.site]\nvlna = 1000\n");
+        let e = format!("{:#}", spec(&loaded, "site").unwrap_err());
+        assert!(e.contains("kiln.toml: [ipxe.site]") && e.contains("unknown field `vlna`"), "{e}");
+        let (_d, loaded) = load("[ipxe.site]\nvlan = 5000\n");
+        let e = format!("{:#}", spec(&loaded, "site").unwrap_err());
+        assert!(e.contains("[ipxe.site]") && e.contains("field `vlan`") && e.contains("out of range"), "{e}");
+        let (_d, loaded) = load("[ipxe.site]\nsource = { path = \"a\", git = \"b\" }\n");
+        assert!(format!("{:#}", spec(&loaded, "site").unwrap_err()).contains("field `source`"));
+        let (_d, loaded) = load("[ipxe.site]\nsource = { url = \"b\" }\n");
+        assert!(format!("{:#}", spec(&loaded, "site").unwrap_err()).contains("unknown field `url`"));
+        let (_d, loaded) = load("[ipxe.site]\ntargets = [\"ipxe.efi\"]\n");
+        let e = format!("{:#}", spec(&loaded, "site").unwrap_err());
+        assert!(e.contains("field `targets`") && e.contains("must name a build directory"), "{e}");
+        let (_d, loaded) = load("[ipxe.site]\nvlan = 10\nembed = \"x.ipxe\"\n");
+        assert!(format!("{:#}", spec(&loaded, "site").unwrap_err()).contains("`embed` and `vlan`"));
+    }
+}
