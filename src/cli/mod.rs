@@ -53,7 +53,7 @@ pub enum Command {
     ///
     ///   kiln build-ipxe --vlan 1000 --dest /srv/tftp
     ///   kiln build-ipxe --source ~/src/ipxe --embed site.ipxe --option DOWNLOAD_PROTO_HTTPS
-    BuildIpxe(crate::ipxe::BuildIpxeArgs),
+    BuildIpxe(Box<crate::ipxe::BuildIpxeArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -159,7 +159,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Build(args) => run_build(*args),
         Command::Store(cmd) => run_store(cmd),
-        Command::BuildIpxe(args) => crate::ipxe::run(args),
+        Command::BuildIpxe(args) => crate::ipxe::run(*args),
     }
 }
 

@@ -73,10 +73,14 @@ mod tests {
 
     #[test]
     fn chain_scripts() {
-        let text = String::from_utf8(generate(None, Some("http://10.4.0.1/ipxe/${mac}")).unwrap().unwrap().text).unwrap();
+        let text =
+            String::from_utf8(generate(None, Some("http://10.4.0.1/ipxe/${mac}")).unwrap().unwrap().text).unwrap();
         assert!(text.contains("\ndhcp && chain http://10.4.0.1/ipxe/${mac} || goto retry\n"), "{text}");
         let text = String::from_utf8(generate(Some(7), Some("http://b/x")).unwrap().unwrap().text).unwrap();
-        assert!(text.contains("\nvcreate --tag 7 net0 ") && text.contains("\ndhcp net0-7 && chain http://b/x "), "{text}");
+        assert!(
+            text.contains("\nvcreate --tag 7 net0 ") && text.contains("\ndhcp net0-7 && chain http://b/x "),
+            "{text}"
+        );
         assert_eq!(generate(None, None).unwrap(), None);
     }
 

@@ -248,7 +248,8 @@ mod tests {
         let cache = d.path().join("cache");
         let work = WorkTree::open(&cache, &source).unwrap();
         let local = work.src().join("config/local");
-        let config = Config::resolve(&["crypto.h:CRYPTO_DIGEST_SHA1".into()], &[], &source.src_dir.join("config")).unwrap();
+        let config =
+            Config::resolve(&["crypto.h:CRYPTO_DIGEST_SHA1".into()], &[], &source.src_dir.join("config")).unwrap();
         let embed = EmbedScript { name: "kiln.ipxe".into(), text: b"#!ipxe\n".to_vec() };
         assert_eq!(work.prepare(&source, &config, Some(&embed)).unwrap(), "kiln-embed/kiln.ipxe");
         assert!(fs::read_to_string(local.join("crypto.h")).unwrap().contains("#define CRYPTO_DIGEST_SHA1"));

@@ -150,7 +150,9 @@ impl BuildIpxeArgs {
         let source = match (&self.source, &self.git, &self.rev) {
             (Some(dir), _, _) => SourceSpec::Path(dir.clone()),
             (None, None, None) => SourceSpec::upstream(),
-            (None, Some(url), rev) => SourceSpec::Git { url: url.clone(), rev: rev.clone().unwrap_or_else(|| "HEAD".into()) },
+            (None, Some(url), rev) => {
+                SourceSpec::Git { url: url.clone(), rev: rev.clone().unwrap_or_else(|| "HEAD".into()) }
+            }
             (None, None, Some(rev)) => SourceSpec::Git { url: UPSTREAM_GIT.into(), rev: rev.clone() },
         };
         let targets: Vec<String> = if self.targets.is_empty() {
@@ -227,25 +229,24 @@ impl BuildSpec {
             }
         }
         let embed = match (embed, vlan, chain) {
-            (Some(_), Some(_), _) => bail!("{} and {} exclude each other", origin.field("embed", "--embed"), origin.field("vlan", "--vlan")),
+            (Some(_), Some(_), _) => {
+                bail!("{} and {} exclude each other", origin.field("embed", "--embed"), origin.field("vlan", "--vlan"))
+            }
             (Some(_), _, Some(_)) => {
-                bail!("{} and {} exclude each other", origin.field("embed", "--embed"), origin.field("chain", "--chain"))
+                bail!(
+                    "{} and {} exclude each other",
+                    origin.field("embed", "--embed"),
+                    origin.field("chain", "--chain")
+                )
             }
             (Some(file), None, None) => Some(embed::from_file(file).with_context(|| origin.field("embed", "--embed"))?),
             (None, vlan, chain) => {
-                let what = if vlan.is_some() { origin.field("vlan", "--vlan") } else { origin.field("chain", "--chain") };
+                let what =
+                    if vlan.is_some() { origin.field("vlan", "--vlan") } else { origin.field("chain", "--chain") };
                 embed::generate(vlan, chain).with_context(|| what)?
             }
         };
-        Ok(BuildSpec {
-            name: name.to_string(),
-            targets: parsed,
-            source,
-            embed,
-            options,
-            no_options,
-            source_date_epoch,
-        })
+        Ok(BuildSpec { name: name.to_string(), targets: parsed, source, embed, options, no_options, source_date_epoch })
     }
 }
 
@@ -439,8 +440,9 @@ fn human(n: u64) -> String {
 /// Reads the sha256 and size of `file` from the manifest of the output `dir`.
 fn manifest_entry(dir: &Path, file: &str) -> Result<(String, u64)> {
     let p = dir.join("manifest.json");
-    let v: serde_json::Value = serde_json::from_slice(&fs::read(&p).with_context(|| format!("reading {}", p.display()))?)
-        .with_context(|| format!("parsing {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(&p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?;
     let e = &v["files"][file];
     match (e["sha256"].as_str(), e["size"].as_u64()) {
         (Some(s), Some(n)) => Ok((s.to_string(), n)),
@@ -482,7 +484,8 @@ pub fn build(store: &Store, spec: &BuildSpec, opts: &BuildOptions, pinned: Optio
                 continue;
             }
         };
-        let inputs = target_inputs(&source, t, &headers, spec.embed.as_ref(), &versions, cross.as_deref(), source_date_epoch);
+        let inputs =
+            target_inputs(&source, t, &headers, spec.embed.as_ref(), &versions, cross.as_deref(), source_date_epoch);
         let hash = input_hash(&inputs);
         hashes.insert(t.to_string(), hash.clone());
         let name = target_store_name(&spec.name, t);
@@ -541,7 +544,11 @@ pub fn build(store: &Store, spec: &BuildSpec, opts: &BuildOptions, pinned: Optio
         name: spec.name.clone(),
         path,
         cached: reports.iter().all(|r| r.cached),
-        source: SourceReport { origin: spec.source.describe(), tree: source.tree.clone(), commit: source.commit.clone() },
+        source: SourceReport {
+            origin: spec.source.describe(),
+            tree: source.tree.clone(),
+            commit: source.commit.clone(),
+        },
         source_date_epoch,
         targets: reports,
         dest: opts.dest.clone(),
@@ -576,7 +583,11 @@ fn run_makes(
             .flatten()
             .map(|p| {
                 let bits = if matches!(p.target.arch.as_str(), "i386" | "arm32" | "riscv32") { "32" } else { "64" };
-                if p.target.is_efi() { format!("elf2efi{bits}") } else { format!("zbin{bits}") }
+                if p.target.is_efi() {
+                    format!("elf2efi{bits}")
+                } else {
+                    format!("zbin{bits}")
+                }
             })
             .collect();
         if let Err(e) = make::prebuild_helpers(work.src(), &helpers, &env, &logs.join("util.log")) {
@@ -727,17 +738,18 @@ pub fn run(args: BuildIpxeArgs) -> Result<ExitCode> {
                     spec.source_date_epoch = args.source_date_epoch;
                 }
                 let pinned = match &spec.source {
-                    SourceSpec::Git { url, rev } if !args.update => lock
-                        .ipxe
-                        .get(name)
-                        .filter(|l| &l.git == url && &l.rev == rev)
-                        .map(|l| l.commit.clone()),
+                    SourceSpec::Git { url, rev } if !args.update => {
+                        lock.ipxe.get(name).filter(|l| &l.git == url && &l.rev == rev).map(|l| l.commit.clone())
+                    }
                     _ => None,
                 };
                 let report = build(&store, &spec, &opts, pinned.as_deref())
                     .with_context(|| format!("building [ipxe.{name}] of {}", loaded.path.display()))?;
                 if let (SourceSpec::Git { url, rev }, Some(commit)) = (&spec.source, &report.source.commit) {
-                    lock.ipxe.insert(name.clone(), LockedIpxe { git: url.clone(), rev: rev.clone(), commit: commit.clone() });
+                    lock.ipxe.insert(
+                        name.clone(),
+                        LockedIpxe { git: url.clone(), rev: rev.clone(), commit: commit.clone() },
+                    );
                 }
                 reports.push(report);
             }
@@ -764,7 +776,13 @@ fn print_reports(reports: &[BuildReport], json: bool, dry_run: bool) -> Result<E
                 }
             }
             if let Some(p) = &r.path {
-                writeln!(out, "{:<11} {:<36} {}", if r.cached { "cached" } else { "would-build" }, r.name, p.display())?;
+                writeln!(
+                    out,
+                    "{:<11} {:<36} {}",
+                    if r.cached { "cached" } else { "would-build" },
+                    r.name,
+                    p.display()
+                )?;
             }
         } else if let Some(p) = &r.path {
             writeln!(out, "{}", p.display())?;
@@ -775,7 +793,8 @@ fn print_reports(reports: &[BuildReport], json: bool, dry_run: bool) -> Result<E
                 for e in &r.errors {
                     eprintln!("error: {e}");
                 }
-                let ok: Vec<String> = r.targets.iter().filter_map(|t| t.path.as_ref()).map(|p| p.display().to_string()).collect();
+                let ok: Vec<String> =
+                    r.targets.iter().filter_map(|t| t.path.as_ref()).map(|p| p.display().to_string()).collect();
                 eprintln!(
                     "error: {} of {} target(s) of {} failed{}",
                     r.errors.len(),
@@ -830,7 +849,8 @@ mod tests {
         let s2 = fake_source(moved.path());
         assert_eq!(key(&s2, "bin-x86_64-efi/snponly.efi", &[], Some(1000), "gcc 12.2.0"), base);
         fs::write(moved.path().join("src/config/local/general.h"), "#define X\n").unwrap();
-        let s3 = source::resolve(&SourceSpec::Path(moved.path().to_path_buf()), &moved.path().join("c"), None, true).unwrap();
+        let s3 = source::resolve(&SourceSpec::Path(moved.path().to_path_buf()), &moved.path().join("c"), None, true)
+            .unwrap();
         assert_ne!(key(&s3, "bin-x86_64-efi/snponly.efi", &[], Some(1000), "gcc 12.2.0"), base);
     }
 

@@ -33,14 +33,13 @@ struct RecipeSource {
 
 /// The build `[ipxe.NAME]` of `loaded` describes. Errors name the file, the table and the field.
 pub fn spec(loaded: &LoadedRecipe, name: &str) -> Result<BuildSpec> {
-    let table = loaded
-        .recipe
-        .ipxe
-        .get(name)
-        .with_context(|| format!("{} has no [ipxe.{name}]", loaded.path.display()))?;
+    let table =
+        loaded.recipe.ipxe.get(name).with_context(|| format!("{} has no [ipxe.{name}]", loaded.path.display()))?;
     let at = || format!("{}: [ipxe.{name}]", loaded.path.display());
     check_name(name).with_context(at)?;
-    let r = IpxeRecipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| anyhow::anyhow!("{e}")).with_context(at)?;
+    let r = IpxeRecipe::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(at)?;
     let base = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let rel = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
     let source = match r.source {
@@ -109,7 +108,10 @@ source = { path = "../ipxe" }
         assert_eq!(s.targets.len(), 3);
         assert!(s.embed.is_none());
         let (_d, loaded) = load("[ipxe.g]\nsource = { git = \"https://example.org/ipxe\" }\n");
-        assert_eq!(spec(&loaded, "g").unwrap().source, SourceSpec::Git { url: "https://example.org/ipxe".into(), rev: "HEAD".into() });
+        assert_eq!(
+            spec(&loaded, "g").unwrap().source,
+            SourceSpec::Git { url: "https://example.org/ipxe".into(), rev: "HEAD".into() }
+        );
     }
 
     #[test]
@@ -128,6 +130,7 @@ source = { path = "../ipxe" }
         let e = format!("{:#}", spec(&loaded, "site").unwrap_err());
         assert!(e.contains("field `targets`") && e.contains("must name a build directory"), "{e}");
         let (_d, loaded) = load("[ipxe.site]\nvlan = 10\nembed = \"x.ipxe\"\n");
-        assert!(format!("{:#}", spec(&loaded, "site").unwrap_err()).contains("`embed` and `vlan`"));
+        assert!(format!("{:#}", spec(&loaded, "site").unwrap_err())
+            .contains("field `embed` and field `vlan` exclude each other"));
     }
 }

@@ -112,7 +112,8 @@ fn fetch(url: &str, rev: &str, expect: Option<&str>, cache: &Path) -> Result<Pat
     let context = || format!("fetching iPXE {rev} from {url} (is git installed and the URL reachable?)");
     run_command(git(&["init", "-q"]).arg(".")).with_context(context)?;
     run_command(&mut git(&["fetch", "-q", "--depth", "1", url, rev])).with_context(context)?;
-    run_command(&mut git(&["-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"])).with_context(context)?;
+    run_command(&mut git(&["-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"]))
+        .with_context(context)?;
     let out = run_command(&mut git(&["rev-parse", "HEAD"])).with_context(context)?;
     let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if let Some(want) = expect {
@@ -166,7 +167,8 @@ fn skipped(rel: &Path, abs: &Path, is_dir: bool) -> bool {
         return true;
     }
     let depth = rel.components().count();
-    if depth == 1 && (is_dir && (name == "bin" || name.starts_with("bin-")) || name == ".toolcheck" || name == ".echocheck")
+    if depth == 1
+        && (is_dir && (name == "bin" || name.starts_with("bin-")) || name == ".toolcheck" || name == ".echocheck")
     {
         return true;
     }
@@ -256,10 +258,8 @@ pub fn copy_tree(src_dir: &Path, dest: &Path) -> Result<()> {
             }
         }
     }
-    // Directories that hold no files still matter to make (config/local/).
-    for sub in ["config/local"] {
-        mkdir_p(&dest.join(sub))?;
-    }
+    // config/local/ holds only a .gitignore upstream, and make writes into it.
+    mkdir_p(&dest.join("config/local"))?;
     let mut marker = fs::File::create(dest.join(".kiln-source"))?;
     writeln!(marker, "copied by kiln build-ipxe from {}", src_dir.display())?;
     Ok(())

@@ -45,7 +45,12 @@ impl Target {
         if !KNOWN_ARCHES.contains(&arch) {
             bail!("target {s:?}: unknown architecture {arch:?} (iPXE has {})", KNOWN_ARCHES.join(", "));
         }
-        Ok(Target { dir: dir.to_string(), arch: arch.to_string(), platform: platform.to_string(), file: file.to_string() })
+        Ok(Target {
+            dir: dir.to_string(),
+            arch: arch.to_string(),
+            platform: platform.to_string(),
+            file: file.to_string(),
+        })
     }
 
     /// The name outside the build tree, as Warewulf installs it: `bin-x86_64-efi-snponly.efi`.
@@ -176,7 +181,10 @@ mod tests {
         assert_eq!(t.flat_name(), "bin-x86_64-efi-snponly.efi");
         assert_eq!(t.to_string(), "bin-x86_64-efi/snponly.efi");
         let names: Vec<String> = DEFAULT_TARGETS.iter().map(|s| Target::parse(s).unwrap().flat_name()).collect();
-        assert_eq!(names, ["bin-x86_64-efi-snponly.efi", "bin-x86_64-pcbios-undionly.kpxe", "bin-arm64-efi-snponly.efi"]);
+        assert_eq!(
+            names,
+            ["bin-x86_64-efi-snponly.efi", "bin-x86_64-pcbios-undionly.kpxe", "bin-arm64-efi-snponly.efi"]
+        );
         let legacy = Target::parse("bin/ipxe.lkrn").unwrap();
         assert_eq!((legacy.arch.as_str(), legacy.platform.as_str()), ("i386", "pcbios"));
         assert_eq!(legacy.flat_name(), "bin-ipxe.lkrn");
