@@ -44,10 +44,21 @@ pub struct Resolved {
 
 /// An open connection to the proxy with the image opened in it.
 pub struct Session {
-    rt: tokio::runtime::Runtime,
-    proxy: ImageProxy,
+    rt: Option<tokio::runtime::Runtime>,
+    proxy: Option<ImageProxy>,
     img: OpenedImage,
     reference: String,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closing the socket makes skopeo exit; only then can the runtime's blocking task that
+        // waits for it finish, so the order matters (dropping the runtime first would hang).
+        drop(self.proxy.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -78,19 +89,33 @@ impl Session {
             let img = proxy.open_image(&full).await.with_context(|| format!("opening {full}"))?;
             anyhow::Ok((proxy, img))
         })?;
-        let session = Session { rt, proxy, img, reference: full.clone() };
+        let session = Session { rt: Some(rt), proxy: Some(proxy), img, reference: full.clone() };
         let (digest, raw) = session
-            .rt
-            .block_on(session.proxy.fetch_manifest_raw_oci(&session.img))
+            .rt()
+            .block_on(session.proxy().fetch_manifest_raw_oci(&session.img))
             .with_context(|| format!("fetching the manifest of {full}"))?;
         let digest = Digest::parse(&digest).with_context(|| format!("{full}: manifest digest"))?;
         let manifest: Manifest = serde_json::from_slice(&raw)
             .with_context(|| format!("{full}: the manifest is not a valid image manifest"))?;
-        let config_bytes = session
-            .rt
-            .block_on(session.proxy.fetch_config_raw(&session.img))
-            .with_context(|| format!("fetching the config of {full}"))?;
+        // The config blob itself (GetFullConfig would return a re-serialisation whose bytes
+        // do not match the digest).
         let config_digest = Digest::parse(&manifest.config.digest)?;
+        let config_bytes = session
+            .rt()
+            .block_on(async {
+                let d: containers_image_proxy::oci_spec::image::Digest = config_digest.to_string().parse()?;
+                let (mut reader, driver) = session.proxy().get_blob(&session.img, &d, manifest.config.size).await?;
+                let mut buf = Vec::new();
+                let read = async {
+                    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buf).await?;
+                    anyhow::Ok(())
+                };
+                let (read, driven) = tokio::join!(read, driver);
+                read?;
+                driven?;
+                anyhow::Ok(buf)
+            })
+            .with_context(|| format!("fetching the config of {full}"))?;
         if Digest::of_bytes(&config_bytes) != config_digest {
             bail!("{full}: the config does not match its digest {config_digest}");
         }
@@ -104,16 +129,24 @@ impl Session {
         Ok((session, Resolved { digest, pinned, config, layers }))
     }
 
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime lives as long as the session")
+    }
+
+    fn proxy(&self) -> &ImageProxy {
+        self.proxy.as_ref().expect("proxy lives as long as the session")
+    }
+
     /// Downloads each layer blob into `spool_dir`.
-    pub fn download(self, layers: &[RemoteLayer], spool_dir: &Path) -> Result<Vec<LayerBlob>> {
+    pub fn download(mut self, layers: &[RemoteLayer], spool_dir: &Path) -> Result<Vec<LayerBlob>> {
         let mut out = Vec::with_capacity(layers.len());
         for (i, layer) in layers.iter().enumerate() {
             let path = spool_dir.join(format!("blob-{}", layer.digest.hex()));
-            self.rt
+            self.rt()
                 .block_on(async {
                     let oci_digest: containers_image_proxy::oci_spec::image::Digest =
                         layer.digest.to_string().parse().context("digest")?;
-                    let (mut reader, driver) = self.proxy.get_blob(&self.img, &oci_digest, layer.size).await?;
+                    let (mut reader, driver) = self.proxy().get_blob(&self.img, &oci_digest, layer.size).await?;
                     let mut file =
                         tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
                     let copy = async {
@@ -135,7 +168,9 @@ impl Session {
                 label: format!("layer {} ({})", i + 1, layer.digest),
             });
         }
-        let _ = self.rt.block_on(self.proxy.finalize());
+        if let (Some(rt), Some(proxy)) = (self.rt.as_ref(), self.proxy.take()) {
+            let _ = rt.block_on(proxy.finalize());
+        }
         Ok(out)
     }
 }

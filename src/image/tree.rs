@@ -144,8 +144,7 @@ impl Tree {
 
     /// Reads every layer (in parallel, `threads` at a time) and applies them in order.
     pub fn from_layers(layers: &[LayerBlob], spool_dir: &Path, threads: usize) -> Result<Tree> {
-        let results: Vec<Mutex<Option<Result<ScannedLayer>>>> =
-            layers.iter().map(|_| Mutex::new(None)).collect();
+        let results: Vec<Mutex<Option<Result<ScannedLayer>>>> = layers.iter().map(|_| Mutex::new(None)).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..threads.clamp(1, layers.len().max(1)) {
