@@ -35,6 +35,7 @@ PACKAGES=(
 	gcc-aarch64-linux-gnu
 	binutils-aarch64-linux-gnu
 	mtools
+	bc
 )
 
 is_installed() {

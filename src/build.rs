@@ -96,7 +96,7 @@ pub fn build_bundle(
     progress.step(format!("reading {} layer(s) of {source}", resolved.layer_count()));
     let tree = resolved.merged_tree(&spool, threads).with_context(|| format!("reading {source}"))?;
     progress.step("finding the kernel");
-    let found = bundle::kernel::find(&tree, &spec.kernel)?;
+    let found = bundle::kernel::find(&tree, &spec.kernel).with_context(|| format!("finding the kernel in {source}"))?;
     let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
     progress.step(format!(
         "writing image ({} entries, {} level {})",

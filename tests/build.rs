@@ -90,6 +90,29 @@ fn same_inputs_same_bytes_across_stores_times_and_threads() {
     for f in ["kernel", "initramfs", "image", "manifest.json"] {
         assert_eq!(sha256_hex(&one.join(f)), sha256_hex(&two.join(f)), "{f} differs between builds");
     }
+    // Another user, in another directory, with the image copied elsewhere.
+    let u = tempfile::tempdir().unwrap();
+    let copy = u.path().join("elsewhere/oci");
+    sh(&format!(
+        "mkdir -p '{}' && cp -a '{}' '{}' && chmod -R a+rwX '{}'",
+        u.path().join("elsewhere").display(),
+        tiny().join("oci").display(),
+        copy.display(),
+        u.path().display()
+    ));
+    let out = sh(&format!(
+        "cd '{}' && runuser -u nobody -- env HOME=/nonexistent '{}' build --quiet --store '{}/store' --from 'oci:{}:latest' --name tiny",
+        u.path().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        u.path().display(),
+        copy.display()
+    ));
+    let by_nobody = built_path(&out);
+    assert_eq!(by_nobody.file_name(), one.file_name());
+    for f in ["kernel", "initramfs", "image", "manifest.json"] {
+        assert_eq!(sha256_hex(&one.join(f)), sha256_hex(&by_nobody.join(f)), "{f} differs when built by another user");
+    }
+
     // The oci-archive and docker-archive of the same image give the same image bytes.
     let c = tempfile::tempdir().unwrap();
     let from = format!("oci-archive:{}", tiny().join("tiny.oci.tar").display());

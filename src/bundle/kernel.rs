@@ -123,7 +123,7 @@ pub fn find(tree: &Tree, spec: &KernelSpec) -> Result<FoundKernel> {
             }
             best.context(
                 "the image has no kernel (looked for /boot/vmlinuz-*, /lib/modules/*/vmlinuz, /boot/Image-*): \
-                 install a kernel package in the image, or name the file with `kernel = \"/path\"` in the recipe",
+                 install a kernel package in the image, or name the file with --kernel PATH (`kernel = \"PATH\"` in a recipe)",
             )
         }
     }

@@ -52,6 +52,7 @@ pub enum Command {
     /// copies the binaries under Warewulf's names. Examples:
     ///
     ///   kiln build-ipxe --vlan 1000 --dest /srv/tftp
+    ///
     ///   kiln build-ipxe --source ~/src/ipxe --embed site.ipxe --option DOWNLOAD_PROTO_HTTPS
     BuildIpxe(Box<crate::ipxe::BuildIpxeArgs>),
 }

@@ -1,8 +1,13 @@
-//! Running iPXE's make: the work tree (a copy of the source, reused between builds so a new
-//! embed or option only recompiles what changed), its `config/local/*.h` and embedded script,
-//! and one `make` per platform with the settings that make the output reproducible.
+//! Running iPXE's make: the work trees (private copies of the source, one per build directory,
+//! reused between builds so a new embed or option only recompiles what changed), their
+//! `config/local/*.h` and embedded script, and one `make` per build directory with the
+//! settings that make the output reproducible.
+//!
+//! One copy per build directory, not one shared tree: iPXE's make touches shared headers
+//! (`include/compiler.h`, `config/named.h` …) the first time it builds a new `bin-*`
+//! directory, which would make every other platform's objects stale; and platforms building
+//! in parallel would race to build the helper programs in `util/`.
 
-use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,19 +23,22 @@ use crate::util::{mkdir_p, tail, write_atomic};
 /// Where embedded scripts go, relative to the work tree's `src/`.
 const EMBED_DIR: &str = "kiln-embed";
 
-/// A private copy of one source tree under `<store>/cache/ipxe-build/<tree>/`, locked for
-/// as long as this value lives (two builds of the same source take turns).
+/// A private copy of one source tree for one build directory, under
+/// `<store>/cache/ipxe-build/<tree>-<build dir>/`, locked for as long as this value lives (two
+/// builds of the same platform and source take turns).
 pub struct WorkTree {
+    root: PathBuf,
     src: PathBuf,
     _lock: File,
 }
 
 impl WorkTree {
-    /// Opens the work tree for `source`, copying the source in on first use.
-    pub fn open(cache: &Path, source: &Source) -> Result<WorkTree> {
+    /// Opens the work tree of `source` for the build directory `bin_dir`, copying the source
+    /// in on first use.
+    pub fn open(cache: &Path, source: &Source, bin_dir: &str) -> Result<WorkTree> {
         let base = cache.join("ipxe-build");
         mkdir_p(&base)?;
-        let id = &source.tree[..32];
+        let id = format!("{}-{bin_dir}", &source.tree[..32]);
         let lock_path = base.join(format!("{id}.lock"));
         let lock = File::options()
             .create(true)
@@ -39,7 +47,7 @@ impl WorkTree {
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
-        let root = base.join(id);
+        let root = base.join(&id);
         let src = root.join("src");
         if !src.join(".kiln-source").is_file() {
             let tmp = base.join(format!("{id}.tmp"));
@@ -50,7 +58,12 @@ impl WorkTree {
             fs::rename(&tmp, &root).with_context(|| format!("moving {} to {}", tmp.display(), root.display()))?;
         }
         let src = src.canonicalize().with_context(|| format!("resolving {}", src.display()))?;
-        Ok(WorkTree { src, _lock: lock })
+        Ok(WorkTree { root, src, _lock: lock })
+    }
+
+    /// make's output of the last build here.
+    pub fn log(&self) -> PathBuf {
+        self.root.join("make.log")
     }
 
     pub fn src(&self) -> &Path {
@@ -175,16 +188,6 @@ pub fn schedule(platforms: usize, jobs: usize) -> (usize, usize) {
     (parallel, (jobs / parallel).max(1))
 }
 
-/// Builds iPXE's host helper programs that several platforms share (util/zbin64,
-/// util/elf2efi64 …) before platforms build in parallel, so two makes never write one file.
-pub fn prebuild_helpers(src: &Path, helpers: &BTreeSet<String>, env: &MakeEnv, log: &Path) -> Result<()> {
-    if helpers.is_empty() {
-        return Ok(());
-    }
-    let job = MakeJob { dir: "util".into(), files: helpers.iter().cloned().collect(), cross: None, jobs: 1 };
-    run_make(src, &job, env, log).map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,7 +249,7 @@ mod tests {
             commit_time: None,
         };
         let cache = d.path().join("cache");
-        let work = WorkTree::open(&cache, &source).unwrap();
+        let work = WorkTree::open(&cache, &source, "bin-x86_64-efi").unwrap();
         let local = work.src().join("config/local");
         let config =
             Config::resolve(&["crypto.h:CRYPTO_DIGEST_SHA1".into()], &[], &source.src_dir.join("config")).unwrap();
@@ -270,7 +273,8 @@ mod tests {
         assert_eq!(fs::read(local.join("crypto.h")).unwrap(), b"");
         drop(work);
         // A second open reuses the copy.
-        let again = WorkTree::open(&cache, &source).unwrap();
+        let again = WorkTree::open(&cache, &source, "bin-x86_64-efi").unwrap();
+        assert!(again.log().to_string_lossy().ends_with("-bin-x86_64-efi/make.log"));
         assert_eq!(fs::read(again.src().join("config/local/crypto.h")).unwrap(), b"");
     }
 }

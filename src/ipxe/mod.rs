@@ -23,7 +23,7 @@ mod recipe;
 mod source;
 mod target;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write as _;
@@ -556,8 +556,8 @@ pub fn build(store: &Store, spec: &BuildSpec, opts: &BuildOptions, pinned: Optio
     })
 }
 
-/// Runs one make per build directory (in parallel where the cores allow) and commits each
-/// built target into the store.
+/// Runs one make per build directory (in parallel where the cores allow, each in its own work
+/// tree) and commits each built target into the store while its work tree is still locked.
 #[allow(clippy::too_many_arguments)]
 fn run_makes(
     store: &Store,
@@ -570,70 +570,73 @@ fn run_makes(
     reports: &mut [TargetReport],
 ) -> Result<()> {
     let cache = store.root().join("cache");
-    let work = make::WorkTree::open(&cache, source)?;
-    let embed = work.prepare(source, config, spec.embed.as_ref())?;
-    let env = make::MakeEnv { embed, git_version: source.commit.clone(), source_date_epoch };
-    let logs = work.src().parent().expect("the work tree has a parent").join("logs");
-    mkdir_p(&logs)?;
     let (parallel, jobs) = make::schedule(todo.len(), opts.jobs);
-    if parallel > 1 {
-        // Helpers shared by platforms: built once, before the platforms race to build them.
-        let helpers: BTreeSet<String> = todo
-            .values()
-            .flatten()
-            .map(|p| {
-                let bits = if matches!(p.target.arch.as_str(), "i386" | "arm32" | "riscv32") { "32" } else { "64" };
-                if p.target.is_efi() {
-                    format!("elf2efi{bits}")
-                } else {
-                    format!("zbin{bits}")
-                }
-            })
-            .collect();
-        if let Err(e) = make::prebuild_helpers(work.src(), &helpers, &env, &logs.join("util.log")) {
-            tracing::warn!("building iPXE's helper programs first failed, the platforms will retry: {e:#}");
-        }
-    }
     let queue = Mutex::new(todo.into_iter().collect::<Vec<_>>());
     let done = Mutex::new(Vec::new());
+    let build_dir = |dir: &str, cross: Option<String>, planned: &[Planned]| -> Result<Vec<(usize, Result<Built>)>> {
+        let work = make::WorkTree::open(&cache, source, dir)?;
+        let embed = work.prepare(source, config, spec.embed.as_ref())?;
+        let env = make::MakeEnv { embed, git_version: source.commit.clone(), source_date_epoch };
+        let files: Vec<String> = planned.iter().map(|p| p.target.file.clone()).collect();
+        let cross_note = cross.as_deref().map(|c| format!(", CROSS={c}")).unwrap_or_default();
+        note(dir, format!("building {} (make -j{jobs}{cross_note})", files.join(" ")));
+        let job = make::MakeJob { dir: dir.to_string(), files, cross, jobs };
+        let seconds = make::run_make(work.src(), &job, &env, &work.log())?;
+        Ok(planned
+            .iter()
+            .map(|p| {
+                let built = work.src().join(dir).join(&p.target.file);
+                (
+                    p.index,
+                    commit_target(store, spec, p, &built).map(|(path, sha256, size)| Built {
+                        path,
+                        sha256,
+                        size,
+                        seconds,
+                    }),
+                )
+            })
+            .collect())
+    };
     std::thread::scope(|s| {
         for _ in 0..parallel {
             s.spawn(|| loop {
                 let Some(((dir, cross), planned)) = queue.lock().expect("queue lock").pop() else { break };
-                let files: Vec<String> = planned.iter().map(|p| p.target.file.clone()).collect();
-                let cross_note = cross.as_deref().map(|c| format!(", CROSS={c}")).unwrap_or_default();
-                note(&dir, format!("building {} (make -j{jobs}{cross_note})", files.join(" ")));
-                let job = make::MakeJob { dir: dir.clone(), files, cross, jobs };
-                let result = make::run_make(work.src(), &job, &env, &logs.join(format!("{dir}.log")));
-                done.lock().expect("results lock").push((dir, planned, result));
+                let results = match build_dir(&dir, cross, &planned) {
+                    Ok(r) => r,
+                    Err(e) => planned.iter().map(|p| (p.index, Err(anyhow::anyhow!("{e:#}")))).collect(),
+                };
+                done.lock().expect("results lock").extend(results);
             });
         }
     });
-    for (dir, planned, result) in done.into_inner().expect("results lock") {
-        for p in planned {
-            let label = p.target.to_string();
-            let report = &mut reports[p.index];
-            let committed = result.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|&seconds| {
-                let built = work.src().join(&dir).join(&p.target.file);
-                commit_target(store, spec, &p, &built).map(|out| (out, seconds))
-            });
-            match committed {
-                Ok(((file, sha256, size), seconds)) => {
-                    note(&label, format!("built in {seconds:.1}s ({})", human(size)));
-                    report.path = Some(file);
-                    report.sha256 = Some(sha256);
-                    report.size = Some(size);
-                    report.status = "built";
-                    report.seconds = seconds;
-                }
-                Err(e) => {
-                    note(&label, "failed");
-                    report.error = Some(format!("{label}: {e:#}"));
-                }
+    for (index, result) in done.into_inner().expect("results lock") {
+        let label = spec.targets[index].to_string();
+        let report = &mut reports[index];
+        match result {
+            Ok(b) => {
+                note(&label, format!("built in {:.1}s ({})", b.seconds, human(b.size)));
+                report.path = Some(b.path);
+                report.sha256 = Some(b.sha256);
+                report.size = Some(b.size);
+                report.status = "built";
+                report.seconds = b.seconds;
+            }
+            Err(e) => {
+                note(&label, "failed");
+                report.error = Some(format!("{label}: {e:#}"));
             }
         }
     }
     Ok(())
+}
+
+/// A target built and committed.
+struct Built {
+    path: PathBuf,
+    sha256: String,
+    size: u64,
+    seconds: f64,
 }
 
 /// Puts one built binary into the store as its own output.
