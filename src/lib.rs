@@ -11,5 +11,6 @@ pub mod cli;
 pub mod image;
 pub mod ipxe;
 pub mod recipe;
+pub mod serve;
 pub mod store;
 pub mod util;

@@ -1,0 +1,1 @@
+//! The boot server's persistent state: leases, discovered machines, boot events.
