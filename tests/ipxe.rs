@@ -125,7 +125,8 @@ fn missing_cross_compiler_fails_only_its_target_and_the_rest_is_cached() {
         c.current_dir(d.path()).env("PATH", &path).arg("build-ipxe").arg("--store").arg(&store);
         c.args(["--source", "ipxe", "--vlan", "1000", "--json", "--dest", "tftp"]);
         c.args(["--target", "bin-x86_64-efi/snponly.efi", "--target", "bin-arm64-efi/snponly.efi"]);
-        c.args(["--target", "bin-x86_64-efi/ipxe.efi"]);
+        // Two build directories that can build, with cores for both at once: the parallel path.
+        c.args(["--target", "bin-x86_64-efi/ipxe.efi", "--target", "bin-i386-efi/snponly.efi", "-j", "4"]);
         c
     };
     let (out, shown) = run(build());
@@ -142,7 +143,7 @@ fn missing_cross_compiler_fails_only_its_target_and_the_rest_is_cached() {
         "{shown}"
     );
     let targets = report["targets"].as_array().unwrap();
-    for t in [&targets[0], &targets[2]] {
+    for t in [&targets[0], &targets[2], &targets[3]] {
         assert_eq!(t["status"], "built", "{shown}");
         let file = PathBuf::from(t["path"].as_str().unwrap());
         assert_eq!(sha256_hex(&file), t["sha256"].as_str().unwrap());
@@ -160,7 +161,7 @@ fn missing_cross_compiler_fails_only_its_target_and_the_rest_is_cached() {
     // The same inputs again: both built targets come from the store, nothing is run.
     let (again, shown) = run(build());
     let again = &json_lines(&again)[0];
-    for i in [0, 2] {
+    for i in [0, 2, 3] {
         assert_eq!(again["targets"][i]["status"], "cached", "{shown}");
         assert_eq!(again["targets"][i]["path"], targets[i]["path"]);
     }
