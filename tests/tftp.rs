@@ -406,3 +406,100 @@ async fn new_config_applies_to_new_requests() {
     assert_eq!(sha256_file(&out), want);
     server.stop().await;
 }
+
+/// Starts a server on `bind` (a wildcard address) serving one file; returns its port and the file's hash.
+async fn wildcard_server(bind: &str) -> Option<(u16, String, oneshot::Sender<()>, tempfile::TempDir)> {
+    let socket = UdpSocket::bind(bind).await.ok()?;
+    let port = socket.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let want = write_file(&dir.path().join("f"), 2000, 5);
+    let mut config = TftpConfig::default();
+    config.files.named.insert("f".into(), dir.path().join("f"));
+    let (_, config) = watch::channel(Arc::new(config));
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    tokio::spawn(serve(socket, config, None, async move {
+        let _ = stop_rx.await;
+    }));
+    Some((port, want, stop, dir))
+}
+
+/// Sends a plain RRQ for "f" from 127.0.0.1 to `to` and reads the file, checking every DATA comes from `to`'s IP.
+async fn read_checking_source(to: SocketAddr) -> Vec<u8> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(b"\x00\x01f\x00octet\x00", to).await.unwrap();
+    let mut content = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let (len, from) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+            .await
+            .expect("no DATA within 5 s")
+            .unwrap();
+        assert_eq!(from.ip(), to.ip(), "DATA from {from}, request sent to {to}");
+        let Ok(Packet::Data { block, data }) = Packet::parse(&buf[..len]) else {
+            panic!("not DATA: {:?}", &buf[..len])
+        };
+        content.extend_from_slice(data);
+        socket.send_to(&Packet::Ack { block }.encode(), from).await.unwrap();
+        if data.len() < 512 {
+            return content;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_the_address_the_request_reached() {
+    // 127.0.0.2 is local on Linux; the client sits on 127.0.0.1, so a reply the kernel routed would come from
+    // 127.0.0.1. Served from a wildcard socket, the transfer must bind 127.0.0.2.
+    let (port, want, stop, _dir) = wildcard_server("0.0.0.0:0").await.unwrap();
+    let content = read_checking_source(format!("127.0.0.2:{port}").parse().unwrap()).await;
+    assert_eq!(sha256(&content), want);
+    stop.send(()).unwrap();
+
+    // A dual-stack IPv6 socket receiving IPv4 (as v4-mapped addresses), where the host has IPv6.
+    if let Some((port, want, stop, _dir)) = wildcard_server("[::]:0").await {
+        let content = read_checking_source(format!("127.0.0.2:{port}").parse().unwrap()).await;
+        assert_eq!(sha256(&content), want);
+        stop.send(()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_running_transfers_with_an_error() {
+    let mut server = Server::start(|config| config.timeout = Duration::from_secs(30)).await;
+    server.add("f", 5000);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(b"\x00\x01f\x00octet\x00", server.addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let (len, _) = socket.recv_from(&mut buf).await.unwrap();
+    assert!(matches!(Packet::parse(&buf[..len]), Ok(Packet::Data { block: 1, .. })));
+    assert!(matches!(server.events.recv().await, Some(TftpEvent::Started { size: 5000, .. })));
+    let start = Instant::now();
+    server.stop.take().unwrap().send(()).unwrap();
+    let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(
+        Packet::parse(&buf[..len]).unwrap(),
+        Packet::Error { code: ErrorCode::NotDefined, message: "server is shutting down" }
+    );
+    server.task.await.unwrap().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+/// Loopback throughput of a 30 MiB file at blksize 1468, windowsize 1 and 16, with the Python client.
+/// `cargo test --release --test tftp -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn throughput() {
+    let server = Server::start(|_| {}).await;
+    let want = server.add("big", 30 * MIB);
+    let out = server.dir.path().join("out");
+    for window in ["1", "16", "64"] {
+        let report = py_client(&server, "big", &["--blksize", "1468", "--windowsize", window]).await;
+        assert_eq!(report["sha256"], want.as_str());
+        eprintln!("windowsize {window}: {} s, {} MB/s (python client)", report["secs"], report["mb_per_s"]);
+    }
+    let start = Instant::now();
+    assert!(curl(&server, "big", &out, &["--tftp-blksize", "1468"]).await);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("windowsize 1: {secs:.2} s, {:.1} MB/s (curl)", (30 * MIB) as f64 / secs / 1e6);
+    server.stop().await;
+}

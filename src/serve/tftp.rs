@@ -767,9 +767,10 @@ impl Transfer {
             let (len, from) = match received {
                 Ok(received) => received,
                 Err(e) => {
-                    // ICMP errors surface here on some systems; the retransmission timer decides.
+                    // Left to the retransmission timer, without spinning on a socket that keeps failing.
                     debug!(client = %self.client, "receiving on a TFTP transfer socket: {e}");
-                    continue;
+                    tokio::time::sleep_until(deadline).await;
+                    return Incoming::Timeout;
                 }
             };
             if canonical(from) != self.client {
@@ -810,7 +811,8 @@ impl Transfer {
         let options: Vec<(&str, &str)> = self.request.options.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let negotiated = negotiate(&options, opened.size, &self.config);
         debug!(%client, file = name, path = %opened.path.display(), ?negotiated, "TFTP read request");
-        let mut buf = vec![0u8; 65536];
+        // Only ACKs and ERRORs matter here; anything longer is cut short harmlessly.
+        let mut buf = vec![0u8; 2048];
         if !negotiated.oack.is_empty() {
             self.send_oack(socket, &mut buf, &negotiated).await?;
         }
