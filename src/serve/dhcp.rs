@@ -517,6 +517,8 @@ struct Request {
     machine_id: Option<Vec<u8>>,
     requested_ip: Option<Ipv4Addr>,
     server_id: Option<Ipv4Addr>,
+    /// Option 12: the name the client calls itself (kept in its lease record, never sent back).
+    hostname: Option<String>,
 }
 
 impl Request {
@@ -592,7 +594,12 @@ impl Request {
             Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
             _ => None,
         };
+        let hostname = match opts.get(OptionCode::Hostname) {
+            Some(DhcpOption::Hostname(name)) if !name.is_empty() => Some(name.clone()),
+            _ => None,
+        };
         Ok(Request {
+            hostname,
             kind,
             mac,
             client: ClientInfo { arch, vendor_class, ipxe },
@@ -709,6 +716,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
     let unknown = (!known && request.kind == MessageType::Discover).then(|| request.unknown_client());
     let net = ctx.network_for(request.msg.giaddr(), request.msg.ciaddr());
     let hostname = ctx.reservations.get(&mac).and_then(|r| r.hostname.clone());
+    let lease_name = hostname.clone().or_else(|| request.hostname.clone());
     let boot = boot_for(request, ctx, known);
     let event = |kind, ip, boot_file| Some(DhcpEvent { mac, kind, ip, boot_file, known });
     let persist = |book: &mut dyn LeaseBook, lease: Lease| match book.put(lease) {
@@ -729,7 +737,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                 Some(old) if old.ip == ip => old.expires.max(now + OFFER_HOLD_SECS),
                 _ => now + OFFER_HOLD_SECS,
             };
-            persist(book, Lease { mac, ip, expires, hostname: hostname.clone() })?;
+            persist(book, Lease { mac, ip, expires, hostname: lease_name })?;
             let mut msg = reply_to(request, MessageType::Offer, ctx);
             msg.set_yiaddr(ip);
             add_network(&mut msg, ctx, net, hostname.as_deref(), true);
@@ -770,7 +778,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                 });
             }
             let expires = now + u64::from(ctx.lease_secs);
-            persist(book, Lease { mac, ip: expected, expires, hostname: hostname.clone() })?;
+            persist(book, Lease { mac, ip: expected, expires, hostname: lease_name })?;
             let mut msg = reply_to(request, MessageType::Ack, ctx);
             msg.set_ciaddr(ciaddr);
             msg.set_yiaddr(expected);
@@ -962,6 +970,10 @@ fn encode(msg: &Message, to: SocketAddrV4) -> Option<Outgoing> {
 /// `interface` if given (SO_BINDTODEVICE) else every interface. Leases, discovered machines and boot events go to
 /// `state`; each exchange is also sent to `events`. The context is read anew for every packet, so sending a new
 /// one on the watch channel (reload) takes effect at once.
+///
+/// Give `interface` whenever the machine has more than one network: replies to clients without an address go to
+/// 255.255.255.255, which without SO_BINDTODEVICE leaves by whatever interface the routing table picks (or fails
+/// with "network unreachable" when there is no default route).
 pub async fn serve(
     ctx: watch::Receiver<Arc<DhcpContext>>,
     state: Arc<State>,
@@ -1390,6 +1402,20 @@ mod tests {
         assert!(book.is_declined([10, 4, 0, 101].into(), NOW + 1));
         let reply = run(&ctx, &mut book, &request(MessageType::Discover, STRANGER, vec![])).unwrap();
         assert_eq!(reply.packet, None, "a declined address is not offered");
+    }
+
+    #[test]
+    fn the_clients_own_hostname_is_kept_in_its_lease_but_not_sent_back() {
+        let ctx = context(DhcpMode::Full);
+        let mut book = MemoryLeases::default();
+        let opts = vec![DhcpOption::Hostname("stray".into())];
+        let (offer, _) = sent(run(&ctx, &mut book, &request(MessageType::Discover, STRANGER, opts)));
+        assert_eq!(opt(&offer, OptionCode::Hostname), None);
+        assert_eq!(book.lease_of(STRANGER).unwrap().hostname.as_deref(), Some("stray"));
+        let opts = vec![DhcpOption::Hostname("renamed".into())];
+        let (offer, _) = sent(run(&ctx, &mut book, &request(MessageType::Discover, NODE, opts)));
+        assert_eq!(opt(&offer, OptionCode::Hostname), Some(&DhcpOption::Hostname("n001".into())));
+        assert_eq!(book.lease_of(NODE).unwrap().hostname.as_deref(), Some("n001"));
     }
 
     #[test]

@@ -26,6 +26,8 @@ const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
 const DISCOVERED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("discovered");
 /// MAC (6 bytes) ++ per-MAC sequence number (8 bytes, big endian) → JSON [`BootEvent`].
 const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+/// Global event sequence number → key in [`EVENTS`]: the latest events of all machines without a full scan.
+const EVENT_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("event_order");
 /// MAC → next per-MAC event sequence number.
 const EVENT_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("event_seq");
 /// IPv4 address (as u32) → unix time until which it must not be offered (a client declined it).
@@ -115,6 +117,7 @@ impl State {
             txn.open_table(DISCOVERED)?;
             txn.open_table(EVENTS)?;
             txn.open_table(EVENT_SEQ)?;
+            txn.open_table(EVENT_ORDER)?;
             txn.open_table(DECLINED)?;
             txn.open_table(META)?;
         }
@@ -272,10 +275,17 @@ impl State {
                 own
             };
             let event = BootEvent { mac, time: now, kind: kind.to_owned(), detail: detail.to_owned(), seq };
+            let key = event_key(mac, own);
             let mut events = txn.open_table(EVENTS)?;
-            events.insert(&event_key(mac, own)[..], &serde_json::to_vec(&event)?[..])?;
+            let mut order = txn.open_table(EVENT_ORDER)?;
+            events.insert(&key[..], &serde_json::to_vec(&event)?[..])?;
+            order.insert(seq, &key[..])?;
             if own >= EVENTS_PER_MAC {
-                events.remove(&event_key(mac, own - EVENTS_PER_MAC)[..])?;
+                let dropped = events.remove(&event_key(mac, own - EVENTS_PER_MAC)[..])?;
+                if let Some(dropped) = dropped {
+                    let dropped: BootEvent = decode(dropped.value(), &self.path, "boot event")?;
+                    order.remove(dropped.seq)?;
+                }
             }
             Ok(())
         })
@@ -295,14 +305,16 @@ impl State {
                 }
             }
             None => {
-                for item in table.iter()? {
-                    out.push(decode(item?.1.value(), &self.path, "boot event")?);
+                let order = read.open_table(EVENT_ORDER)?;
+                for item in order.iter()?.rev().take(limit) {
+                    let key = item?.1;
+                    if let Some(value) = table.get(key.value())? {
+                        out.push(decode(value.value(), &self.path, "boot event")?);
+                    }
                 }
             }
         }
-        out.sort_by_key(|e| e.seq);
-        let skip = out.len().saturating_sub(limit);
-        out.drain(..skip);
+        out.reverse();
         Ok(out)
     }
 
@@ -466,6 +478,7 @@ mod tests {
         assert_eq!(a.len() as u64, EVENTS_PER_MAC);
         assert_eq!(a[0].detail, "5");
         assert_eq!(a.last().unwrap().detail, (EVENTS_PER_MAC + 4).to_string());
+        assert_eq!(state.events(None, usize::MAX).unwrap().len() as u64, EVENTS_PER_MAC + 1);
         let last = state.events(None, 2).unwrap();
         assert_eq!(
             last.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
