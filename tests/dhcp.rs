@@ -51,7 +51,11 @@ fn context() -> DhcpContext {
 #[test]
 fn dhcp_server_helper() {
     let Ok(state_dir) = std::env::var(SERVER_ENV) else { return };
-    let _ = tracing_subscriber::fmt().with_env_filter("kiln=debug").with_ansi(false).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("kiln=debug")
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let state = Arc::new(State::open(Path::new(&state_dir)).unwrap());
