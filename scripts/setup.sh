@@ -36,6 +36,12 @@ PACKAGES=(
 	binutils-aarch64-linux-gnu
 	mtools
 	bc
+	ipxe
+	dnsmasq-base
+	nginx-light
+	tftpd-hpa
+	atftp
+	git
 )
 
 is_installed() {

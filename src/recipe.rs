@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::archive::Compression;
 use crate::bundle::{BundleSpec, KernelSpec, DEFAULT_CMDLINE};
 use crate::image::Source;
+use crate::serve::config::{NodeRecipe, ProfileRecipe, ServerRecipe};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -24,11 +25,11 @@ pub struct Recipe {
     pub ipxe: BTreeMap<String, toml::Table>,
     /// The boot server (`kiln serve`).
     #[serde(default)]
-    pub server: Option<toml::Table>,
+    pub server: Option<ServerRecipe>,
     #[serde(default)]
-    pub profile: BTreeMap<String, toml::Table>,
+    pub profile: BTreeMap<String, ProfileRecipe>,
     #[serde(default)]
-    pub node: BTreeMap<String, toml::Table>,
+    pub node: BTreeMap<String, NodeRecipe>,
     #[serde(default)]
     pub appliance: Option<toml::Table>,
 }

@@ -43,6 +43,13 @@ pub enum Command {
     /// Inspect and maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Run the boot server: DHCP, TFTP and HTTP for the nodes of the recipe.
+    ///
+    /// Serves the bundles built by `kiln build` and the iPXE binaries of `kiln build-ipxe`
+    /// named by the recipe's [server] table. SIGHUP reloads the recipe; SIGTERM stops. Example:
+    ///
+    ///   kiln serve --dhcp proxy --interface eno1
+    Serve(ServeArgs),
     /// Build iPXE from source into the store (reproducibly, cached by its inputs).
     ///
     /// Builds bin-x86_64-efi/snponly.efi, bin-x86_64-pcbios/undionly.kpxe and
@@ -55,6 +62,94 @@ pub enum Command {
     ///
     ///   kiln build-ipxe --source ~/src/ipxe --embed site.ipxe --option DOWNLOAD_PROTO_HTTPS
     BuildIpxe(Box<crate::ipxe::BuildIpxeArgs>),
+    /// List and edit the nodes of the recipe, and the unknown machines that asked to boot.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeFields {
+    /// MAC address (52:54:00:aa:bb:42).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// The [image.NAME] it boots.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// A [profile.NAME] to take settings from.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Its address, optionally with a prefix (10.4.0.42/24).
+    #[arg(long)]
+    pub ipv4: Option<String>,
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Default: the node's name.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Appended to the bundle's kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    #[arg(long)]
+    pub vlan: Option<u16>,
+    /// Free-form tag (repeatable); replaces the node's tags.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+impl NodeFields {
+    fn edit(&self) -> crate::serve::nodes::NodeEdit {
+        crate::serve::nodes::NodeEdit {
+            mac: self.mac.clone(),
+            image: self.image.clone(),
+            profile: self.profile.clone(),
+            ipv4: self.ipv4.clone(),
+            gateway: self.gateway.clone(),
+            hostname: self.hostname.clone(),
+            cmdline: self.cmdline.clone(),
+            vlan: self.vlan,
+            tags: (!self.tags.is_empty()).then(|| self.tags.clone()),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the nodes of the recipe (with --unknown: machines that asked to boot but are not nodes).
+    Ls {
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        unknown: bool,
+        /// Where the server keeps its state (default: <store>/state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a [node.NAME] table to the recipe. Example: kiln node add n042 --mac 52:54:00:aa:bb:42 --image compute
+    Add {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Change settings of a node.
+    Set {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Remove a node from the recipe.
+    Rm {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -160,6 +255,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Build(args) => run_build(*args),
         Command::Store(cmd) => run_store(cmd),
+        Command::Serve(args) => run_serve(args),
+        Command::Node(cmd) => run_node(cmd),
         Command::BuildIpxe(args) => crate::ipxe::run(*args),
     }
 }
@@ -216,6 +313,92 @@ fn run_build(args: BuildArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Recipe file.
+    #[arg(long, short = 'f', default_value = "kiln.toml")]
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// DHCP mode: full, proxy or off (overrides [server] dhcp).
+    #[arg(long)]
+    pub dhcp: Option<String>,
+    /// Interface to serve DHCP on (overrides [server] interface).
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// HTTP port (default: [server] http_port, else 80).
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// TFTP port (default 69).
+    #[arg(long)]
+    pub tftp_port: Option<u16>,
+    /// DHCP port (default 67; proxy mode also uses 4011).
+    #[arg(long)]
+    pub dhcp_port: Option<u16>,
+    /// Where leases, discovered machines and boot events are kept (default: <store>/state).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+fn run_node(cmd: NodeCommand) -> Result<ExitCode> {
+    use crate::serve::nodes;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        NodeCommand::Ls { recipe, store, unknown, state_dir, json } => {
+            if unknown {
+                let known: Vec<_> = if recipe.exists() { nodes::list(&recipe)? } else { vec![] };
+                let dir = state_dir.unwrap_or_else(|| {
+                    store.store.clone().unwrap_or_else(crate::util::default_store_root).join("state")
+                });
+                let state = crate::serve::state::State::open(&dir)?;
+                let rows: Vec<_> =
+                    state.discovered()?.into_iter().filter(|d| !known.iter().any(|n| n.mac.0 == d.mac)).collect();
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+                } else {
+                    for d in &rows {
+                        writeln!(out, "{}", serde_json::to_string(d)?)?;
+                    }
+                }
+            } else {
+                let list = nodes::list(&recipe)?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+                } else {
+                    for n in &list {
+                        let ip = n.ipv4.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                        writeln!(out, "{:<16} {} {:<15} {:<16} {}", n.name, n.mac, ip, n.image, n.hostname)?;
+                    }
+                }
+            }
+        }
+        NodeCommand::Add { name, recipe, fields } => nodes::add(&recipe, &name, &fields.edit())?,
+        NodeCommand::Set { name, recipe, fields } => nodes::set(&recipe, &name, &fields.edit())?,
+        NodeCommand::Rm { name, recipe } => nodes::rm(&recipe, &name)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_serve(args: ServeArgs) -> Result<ExitCode> {
+    let dhcp = match args.dhcp.as_deref() {
+        None => None,
+        Some("full") => Some(crate::serve::config::DhcpMode::Full),
+        Some("proxy") => Some(crate::serve::config::DhcpMode::Proxy),
+        Some("off") => Some(crate::serve::config::DhcpMode::Off),
+        Some(other) => anyhow::bail!("--dhcp {other:?}: use full, proxy or off"),
+    };
+    crate::serve::run::run(crate::serve::run::ServeOptions {
+        recipe: args.recipe,
+        store_root: args.store.store.clone().unwrap_or_else(crate::util::default_store_root),
+        dhcp,
+        interface: args.interface,
+        http_port: args.http_port,
+        tftp_port: args.tftp_port,
+        dhcp_port: args.dhcp_port,
+        state_dir: args.state_dir,
+    })
 }
 
 fn run_store(cmd: StoreCommand) -> Result<ExitCode> {

@@ -1,0 +1,78 @@
+//! Connects the site to the DHCP server: builds its context from the node list and the
+//! `[server]` table, starts it, and hands it a new context whenever the site is reloaded.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::sync::{mpsc, watch};
+
+use super::config::{DhcpMode, Unknown};
+use super::dhcp::{self, BootFiles, DhcpContext, DhcpEvent, Pool, Reservation, Subnet, UnknownPolicy};
+use super::site::Site;
+use super::state::State;
+
+/// The DHCP server's view of a site.
+pub fn context(site: &Site) -> DhcpContext {
+    let mode = match site.dhcp_mode() {
+        DhcpMode::Full => dhcp::DhcpMode::Full,
+        DhcpMode::Proxy => dhcp::DhcpMode::Proxy,
+        DhcpMode::Off => dhcp::DhcpMode::Off,
+    };
+    let mut ctx = DhcpContext::new(mode, Subnet { addr: site.address, prefix: site.prefix });
+    ctx.router = site.server.gateway;
+    ctx.dns = site.server.dns.clone();
+    ctx.domain = site.server.domain.clone();
+    ctx.lease_secs = site.server.lease_time.unwrap_or(3600);
+    ctx.pool = site.server.pool.map(|p| Pool { start: p.first, end: p.last });
+    ctx.http_base = site.base_url();
+    ctx.unknown = match site.server.unknown {
+        Unknown::Ignore => UnknownPolicy::Ignore,
+        Unknown::Record => UnknownPolicy::Record,
+        Unknown::Boot(_) => UnknownPolicy::Boot,
+    };
+    for n in &site.nodes {
+        ctx.known.insert(n.mac.0);
+        if let Some(ip) = n.ipv4 {
+            ctx.reservations.insert(n.mac.0, Reservation { ip, hostname: Some(n.hostname.clone()) });
+        }
+    }
+    let name = |f: &Option<(String, std::path::PathBuf)>| f.as_ref().map(|(n, _)| n.clone());
+    ctx.boot_files = BootFiles {
+        bios: name(&site.boot_files.bios),
+        efi_x64: name(&site.boot_files.efi_x64),
+        efi_arm64: name(&site.boot_files.efi_arm64),
+    };
+    ctx
+}
+
+/// Starts DHCP unless the site says `off`; returns its event stream.
+pub fn start(
+    tasks: &mut tokio::task::JoinSet<Result<()>>,
+    site: &watch::Receiver<Arc<Site>>,
+    state: Arc<State>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<mpsc::UnboundedReceiver<DhcpEvent>>> {
+    let current = site.borrow().clone();
+    if current.dhcp_mode() == DhcpMode::Off {
+        return Ok(None);
+    }
+    let (ctx_tx, ctx_rx) = watch::channel(Arc::new(context(&current)));
+    let mut follow = site.clone();
+    tasks.spawn(async move {
+        while follow.changed().await.is_ok() {
+            let next = context(&follow.borrow());
+            if ctx_tx.send(Arc::new(next)).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let port = current.server.dhcp_port.unwrap_or(67);
+    let proxy_port = (current.dhcp_mode() == DhcpMode::Proxy).then_some(4011);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stop = stop;
+    tasks.spawn(dhcp::serve(ctx_rx, state, current.server.interface.clone(), port, proxy_port, Some(tx), async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    Ok(Some(rx))
+}

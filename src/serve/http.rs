@@ -1,0 +1,405 @@
+//! The boot server's HTTP side: a small HTTP/1.1 server (RFC 9110/9112) for four routes.
+//!
+//! - `GET /ipxe/{mac}`: the machine's iPXE script (its node's bundle, or the unknown-machine
+//!   answer);
+//! - `GET /blob/sha256/{hex}`: a bundle file by digest, with single ranges (`bytes=a-b`, `a-`,
+//!   `-n`), a strong ETag (the digest), `If-None-Match`, `Cache-Control: immutable`, and the body
+//!   sent with `sendfile(2)`, so file bytes never pass through user space;
+//! - `GET /overlay/{mac}`: the node's overlay;
+//! - `GET /healthz`.
+//!
+//! `HEAD` works on every route; keep-alive is supported. Left out: multi-range requests (the
+//! whole file is sent instead, as RFC 9110 allows), request bodies, chunked encoding, TLS, HTTP/2.
+//! Nothing is read from disk by request path: blobs are looked up by digest in the site's table.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::config::Mac;
+use super::site::Site;
+
+/// Something a node did, for the boot log.
+#[derive(Debug, Clone)]
+pub struct HttpEvent {
+    pub mac: Mac,
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+const MAX_HEAD: usize = 16 * 1024;
+const IDLE: Duration = Duration::from_secs(60);
+
+/// A parsed request: only what the routes need.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub head_only: bool,
+    pub path: String,
+    pub range: Option<String>,
+    pub if_none_match: Option<String>,
+    pub keep_alive: bool,
+}
+
+/// Parses a request head; `Ok(None)` means more bytes are needed.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("malformed request"),
+    };
+    let head_only = match req.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => return Err("method not allowed"),
+    };
+    let path = req.path.ok_or("malformed request")?.to_string();
+    let mut keep_alive = req.version == Some(1);
+    let (mut range, mut inm) = (None, None);
+    for h in req.headers.iter() {
+        let v = std::str::from_utf8(h.value).unwrap_or("").trim().to_string();
+        if h.name.eq_ignore_ascii_case("range") {
+            range = Some(v);
+        } else if h.name.eq_ignore_ascii_case("if-none-match") {
+            inm = Some(v);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if v.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if v.eq_ignore_ascii_case("keep-alive") {
+                keep_alive = true;
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") && v != "0" {
+            return Err("request bodies are not accepted");
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("request bodies are not accepted");
+        }
+    }
+    Ok(Some((Request { head_only, path, range, if_none_match: inm, keep_alive }, n)))
+}
+
+/// A byte range of a `size`-byte file: `Ok(None)` = whole file, `Err` = unsatisfiable.
+pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.strip_prefix("bytes=") else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 || size == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size - 1)
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end: u64 = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+        };
+        if start >= size || end < start {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+enum Body {
+    Bytes(Arc<Vec<u8>>),
+    File { path: std::path::PathBuf, start: u64, len: u64 },
+    None,
+}
+
+struct Response {
+    status: u16,
+    reason: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Body,
+    len: u64,
+}
+
+impl Response {
+    fn text(status: u16, reason: &'static str, text: String) -> Self {
+        let len = text.len() as u64;
+        Response {
+            status,
+            reason,
+            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+            body: Body::Bytes(Arc::new(text.into_bytes())),
+            len,
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (iPXE escapes the colons of a MAC in a URL path). Malformed escapes
+/// are kept as they are; the routes then refuse the path.
+pub fn percent_decode(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpEvent>>) -> Response {
+    let decoded = percent_decode(req.path.split('?').next().unwrap_or(""));
+    let path = decoded.as_str();
+    let event = |mac: Mac, kind: &'static str, detail: String| {
+        if let Some(tx) = events {
+            let _ = tx.send(HttpEvent { mac, kind, detail });
+        }
+    };
+    if path == "/healthz" {
+        return Response::text(200, "OK", "ok\n".into());
+    }
+    if let Some(m) = path.strip_prefix("/ipxe/") {
+        let Ok(mac) = m.parse::<Mac>() else {
+            return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
+        };
+        let script = site.script(mac);
+        event(mac, "script", site.node(mac).map(|n| n.name.clone()).unwrap_or_else(|| "unknown".into()));
+        let mut r = Response::text(200, "OK", script);
+        r.headers.push(("Cache-Control", "no-store".into()));
+        return r;
+    }
+    if let Some(m) = path.strip_prefix("/overlay/") {
+        let Ok(mac) = m.parse::<Mac>() else {
+            return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
+        };
+        return match site.overlays.get(&mac) {
+            Some(bytes) => {
+                event(mac, "overlay", format!("{} bytes", bytes.len()));
+                Response {
+                    status: 200,
+                    reason: "OK",
+                    headers: vec![
+                        ("Content-Type", "application/octet-stream".into()),
+                        ("Cache-Control", "no-store".into()),
+                    ],
+                    len: bytes.len() as u64,
+                    body: Body::Bytes(bytes.clone()),
+                }
+            }
+            None => Response::text(404, "Not Found", format!("{mac} is not a known node\n")),
+        };
+    }
+    if let Some(hex) = path.strip_prefix("/blob/sha256/") {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Response::text(400, "Bad Request", "a blob is named by 64 lowercase hex digits\n".into());
+        }
+        let Some(blob) = site.blobs.get(hex) else {
+            return Response::text(404, "Not Found", format!("no blob sha256:{hex} here\n"));
+        };
+        let etag = format!("\"sha256:{hex}\"");
+        let common = vec![
+            ("ETag", etag.clone()),
+            ("Cache-Control", "public, max-age=31536000, immutable".to_string()),
+            ("Accept-Ranges", "bytes".to_string()),
+            ("Content-Type", "application/octet-stream".to_string()),
+        ];
+        if req.if_none_match.as_deref().is_some_and(|v| v == "*" || v.split(',').any(|t| t.trim() == etag)) {
+            return Response { status: 304, reason: "Not Modified", headers: common, body: Body::None, len: 0 };
+        }
+        let range = match req.range.as_deref().map(|r| parse_range(r, blob.size)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(r))) => Some(r),
+            Some(Err(())) => {
+                let mut r = Response::text(416, "Range Not Satisfiable", "range not satisfiable\n".into());
+                r.headers.push(("Content-Range", format!("bytes */{}", blob.size)));
+                return r;
+            }
+        };
+        let mut headers = common;
+        let (status, reason, start, len) = match range {
+            Some((a, b)) => {
+                headers.push(("Content-Range", format!("bytes {a}-{b}/{}", blob.size)));
+                (206, "Partial Content", a, b - a + 1)
+            }
+            None => (200, "OK", 0, blob.size),
+        };
+        return Response { status, reason, headers, body: Body::File { path: blob.path.clone(), start, len }, len };
+    }
+    Response::text(404, "Not Found", "not found\n".into())
+}
+
+async fn write_head(stream: &mut TcpStream, r: &Response, keep_alive: bool) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {} {}\r\nServer: kiln\r\nContent-Length: {}\r\n", r.status, r.reason, r.len);
+    for (k, v) in &r.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    stream.write_all(head.as_bytes()).await
+}
+
+/// Sends `len` bytes of `file` from `start` with sendfile(2), waiting for the socket as needed.
+async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u64) -> std::io::Result<()> {
+    let mut offset = start as i64;
+    let end = start + len;
+    while (offset as u64) < end {
+        let want = ((end - offset as u64) as usize).min(1 << 30);
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut offset), want)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(0) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent"))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    site: watch::Receiver<Arc<Site>>,
+    events: Option<mpsc::UnboundedSender<HttpEvent>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let (req, used) = loop {
+            match parse_request(&buf) {
+                Ok(Some(r)) => break r,
+                Ok(None) if buf.len() >= MAX_HEAD => {
+                    let r = Response::text(431, "Request Header Fields Too Large", "request head too large\n".into());
+                    return reply(&mut stream, r, false).await;
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    let status = if why == "method not allowed" { 405 } else { 400 };
+                    let reason = if status == 405 { "Method Not Allowed" } else { "Bad Request" };
+                    return reply(&mut stream, Response::text(status, reason, format!("{why}\n")), false).await;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match tokio::time::timeout(IDLE, stream.read(&mut chunk)).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(()),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        buf.drain(..used);
+        let snapshot = site.borrow().clone();
+        let mut resp = route(&snapshot, &req, &events);
+        tracing::debug!(path = %req.path, status = resp.status, "http");
+        if req.head_only {
+            resp.body = Body::None;
+        }
+        reply(&mut stream, resp, req.keep_alive).await?;
+        if !req.keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+async fn reply(stream: &mut TcpStream, r: Response, keep_alive: bool) -> std::io::Result<()> {
+    write_head(stream, &r, keep_alive).await?;
+    match &r.body {
+        Body::Bytes(b) => stream.write_all(b).await?,
+        Body::File { path, start, len } => {
+            let file = std::fs::File::open(path)?;
+            send_file(stream, &file, *start, *len).await?;
+        }
+        Body::None => {}
+    }
+    Ok(())
+}
+
+/// Accepts connections until `shutdown` turns true; each connection sees the newest site.
+pub async fn serve(
+    listener: TcpListener,
+    site: watch::Receiver<Arc<Site>>,
+    events: Option<mpsc::UnboundedSender<HttpEvent>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("http accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (site, events) = (site.clone(), events.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, site, events).await {
+                        tracing::debug!("http {peer}: {e}");
+                    }
+                });
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_refuse_what_they_should() {
+        let raw = b"GET /ipxe/52:54:00:00:00:01 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\nrest";
+        let (r, n) = parse_request(raw).unwrap().unwrap();
+        assert_eq!(r.path, "/ipxe/52:54:00:00:00:01");
+        assert_eq!(r.range.as_deref(), Some("bytes=0-9"));
+        assert!(r.keep_alive && !r.head_only);
+        assert_eq!(n, raw.len() - 4, "the head ends before the next request's bytes");
+        assert!(parse_request(b"GET / HTTP/1.1\r\nHost").unwrap().is_none());
+        assert_eq!(parse_request(b"POST / HTTP/1.1\r\n\r\n").unwrap_err(), "method not allowed");
+        assert!(parse_request(b"\x00\x01garbage\r\n\r\n").is_err());
+        let (r, _) = parse_request(b"HEAD /healthz HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(r.head_only && !r.keep_alive);
+    }
+
+    #[test]
+    fn paths_are_percent_decoded() {
+        assert_eq!(percent_decode("/ipxe/52%3A54%3a00"), "/ipxe/52:54:00");
+        assert_eq!(percent_decode("/a%2"), "/a%2");
+        assert_eq!(percent_decode("/a%zz"), "/a%zz");
+        assert_eq!(percent_decode("/blob/%2e%2e/x"), "/blob/../x");
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=50-1000", 100), Ok(Some((50, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(parse_range("bytes=x-1", 100), Err(()));
+    }
+}

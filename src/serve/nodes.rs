@@ -1,0 +1,185 @@
+//! `kiln node ls|add|set|rm`: the node list in `kiln.toml`, edited in place (comments, order and
+//! formatting of everything else are kept), and the machines discovery recorded.
+//!
+//! Every edit is checked by parsing the whole edited recipe and resolving its nodes (duplicate
+//! MACs and addresses, unknown profiles) before the file is replaced atomically, so a rejected
+//! edit leaves the file as it was.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::config::{resolve_nodes, Ipv4Cidr, Mac, Node};
+use crate::recipe::{check_name, parse};
+
+/// Settings given on the command line; `None` leaves a key as it is.
+#[derive(Debug, Default, Clone)]
+pub struct NodeEdit {
+    pub mac: Option<String>,
+    pub image: Option<String>,
+    pub profile: Option<String>,
+    pub ipv4: Option<String>,
+    pub gateway: Option<String>,
+    pub hostname: Option<String>,
+    pub cmdline: Option<String>,
+    pub vlan: Option<u16>,
+    pub tags: Option<Vec<String>>,
+}
+
+fn validate(text: &str, path: &Path) -> Result<Vec<Node>> {
+    let recipe = parse(text).with_context(|| format!("the edited {} would not be valid", path.display()))?;
+    let server = recipe.server.clone().unwrap_or_default();
+    resolve_nodes(&server, &recipe.profile, &recipe.node)
+        .with_context(|| format!("the edited {} would not be valid", path.display()))
+}
+
+fn load_doc(path: &Path) -> Result<toml_edit::DocumentMut> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.parse::<toml_edit::DocumentMut>().with_context(|| format!("{} is not valid TOML", path.display()))
+}
+
+fn apply(table: &mut toml_edit::Table, edit: &NodeEdit) -> Result<()> {
+    use toml_edit::value;
+    if let Some(m) = &edit.mac {
+        let mac: Mac = m.parse().context("--mac")?;
+        table["mac"] = value(mac.to_string());
+    }
+    if let Some(i) = &edit.image {
+        table["image"] = value(i.as_str());
+    }
+    if let Some(p) = &edit.profile {
+        table["profile"] = value(p.as_str());
+    }
+    if let Some(a) = &edit.ipv4 {
+        let c: Ipv4Cidr = a.parse().context("--ipv4")?;
+        table["ipv4"] = value(c.to_string());
+    }
+    if let Some(g) = &edit.gateway {
+        let g: std::net::Ipv4Addr = g.parse().with_context(|| format!("--gateway {g:?} is not an IPv4 address"))?;
+        table["gateway"] = value(g.to_string());
+    }
+    if let Some(h) = &edit.hostname {
+        table["hostname"] = value(h.as_str());
+    }
+    if let Some(c) = &edit.cmdline {
+        table["cmdline"] = value(c.as_str());
+    }
+    if let Some(v) = edit.vlan {
+        table["vlan"] = value(i64::from(v));
+    }
+    if let Some(tags) = &edit.tags {
+        let mut arr = toml_edit::Array::new();
+        for t in tags {
+            arr.push(t.as_str());
+        }
+        table["tags"] = value(arr);
+    }
+    Ok(())
+}
+
+fn save(path: &Path, doc: &toml_edit::DocumentMut) -> Result<()> {
+    let text = doc.to_string();
+    validate(&text, path)?;
+    crate::util::write_atomic(path, text.as_bytes())
+}
+
+pub fn add(path: &Path, name: &str, edit: &NodeEdit) -> Result<()> {
+    check_name(name).context("node name")?;
+    if edit.mac.is_none() {
+        bail!("kiln node add needs --mac");
+    }
+    if edit.image.is_none() && edit.profile.is_none() {
+        bail!("kiln node add needs --image or --profile");
+    }
+    let mut doc = load_doc(path)?;
+    let nodes = doc
+        .entry("node")
+        .or_insert_with(|| {
+            let mut t = toml_edit::Table::new();
+            t.set_implicit(true);
+            toml_edit::Item::Table(t)
+        })
+        .as_table_mut()
+        .with_context(|| format!("{}: `node` is not a table", path.display()))?;
+    if nodes.contains_key(name) {
+        bail!("{}: [node.{name}] already exists; change it with kiln node set", path.display());
+    }
+    let mut table = toml_edit::Table::new();
+    apply(&mut table, edit)?;
+    nodes.insert(name, toml_edit::Item::Table(table));
+    save(path, &doc)
+}
+
+pub fn set(path: &Path, name: &str, edit: &NodeEdit) -> Result<()> {
+    let mut doc = load_doc(path)?;
+    let table = doc
+        .get_mut("node")
+        .and_then(|n| n.get_mut(name))
+        .and_then(|t| t.as_table_mut())
+        .with_context(|| format!("{} has no [node.{name}]", path.display()))?;
+    apply(table, edit)?;
+    save(path, &doc)
+}
+
+pub fn rm(path: &Path, name: &str) -> Result<()> {
+    let mut doc = load_doc(path)?;
+    let removed = doc.get_mut("node").and_then(|n| n.as_table_mut()).and_then(|t| t.remove(name));
+    if removed.is_none() {
+        bail!("{} has no [node.{name}]", path.display());
+    }
+    save(path, &doc)
+}
+
+/// A row of `kiln node ls --unknown`.
+#[derive(Debug, Serialize)]
+pub struct UnknownMachine {
+    pub mac: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub count: u64,
+    pub arch: Option<u16>,
+    pub vendor_class: Option<String>,
+}
+
+pub fn list(path: &Path) -> Result<Vec<Node>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    validate(&text, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edits_keep_comments_and_refuse_duplicates() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kiln.toml");
+        std::fs::write(&p, "# site A\n[server]\naddress = \"10.4.0.1/24\" # the boot server\n\n[node.n001]\nmac = \"52:54:00:00:00:01\"\nimage = \"compute\"\n").unwrap();
+        let edit = NodeEdit {
+            mac: Some("52:54:00:AA:BB:42".into()),
+            image: Some("compute".into()),
+            ipv4: Some("10.4.0.42/24".into()),
+            ..Default::default()
+        };
+        add(&p, "n042", &edit).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with("# site A\n") && text.contains("# the boot server"), "{text}");
+        assert!(text.contains("[node.n042]\nmac = \"52:54:00:aa:bb:42\""), "{text}");
+        let dup =
+            NodeEdit { mac: Some("52:54:00:00:00:01".into()), image: Some("compute".into()), ..Default::default() };
+        let err = format!("{:#}", add(&p, "n043", &dup).unwrap_err());
+        assert!(err.contains("also used by [node.n001]"), "{err}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text, "a rejected edit changed the file");
+        set(&p, "n042", &NodeEdit { hostname: Some("gpu42".into()), ..Default::default() }).unwrap();
+        assert_eq!(list(&p).unwrap().iter().find(|n| n.name == "n042").unwrap().hostname, "gpu42");
+        rm(&p, "n001").unwrap();
+        assert!(!std::fs::read_to_string(&p).unwrap().contains("n001"));
+        assert!(rm(&p, "n001").is_err());
+        assert!(format!(
+            "{:#}",
+            set(&p, "n042", &NodeEdit { ipv4: Some("10.4.0.999".into()), ..Default::default() }).unwrap_err()
+        )
+        .contains("--ipv4"));
+    }
+}

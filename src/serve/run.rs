@@ -1,0 +1,199 @@
+//! `kiln serve`: starts DHCP, TFTP and HTTP over one site, reloads it on SIGHUP, stops on
+//! SIGTERM/SIGINT, and keeps the boot log.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+
+use super::config::{DhcpMode, Mac};
+use super::http::HttpEvent;
+use super::site::Site;
+use super::state::State;
+use super::tftp::{TftpConfig, TftpEvent, TftpFiles};
+use crate::recipe::LoadedRecipe;
+use crate::store::Store;
+
+/// What `kiln serve` was asked on the command line (overrides of the recipe's `[server]`).
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub recipe: PathBuf,
+    pub store_root: PathBuf,
+    pub dhcp: Option<DhcpMode>,
+    pub interface: Option<String>,
+    pub http_port: Option<u16>,
+    pub tftp_port: Option<u16>,
+    pub dhcp_port: Option<u16>,
+    pub state_dir: Option<PathBuf>,
+}
+
+fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
+    let mut loaded = LoadedRecipe::load(&opts.recipe)?;
+    if let Some(server) = loaded.recipe.server.as_mut() {
+        if let Some(m) = opts.dhcp {
+            server.dhcp = m;
+        }
+        if opts.interface.is_some() {
+            server.interface = opts.interface.clone();
+        }
+        if opts.http_port.is_some() {
+            server.http_port = opts.http_port;
+        }
+        if opts.tftp_port.is_some() {
+            server.tftp_port = opts.tftp_port;
+        }
+        if opts.dhcp_port.is_some() {
+            server.dhcp_port = opts.dhcp_port;
+        }
+    }
+    Site::load(&loaded, store)
+}
+
+fn tftp_config(site: &Site) -> TftpConfig {
+    let mut files = TftpFiles::default();
+    for (name, path) in
+        [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64].into_iter().flatten()
+    {
+        files.named.insert(name.clone(), path.clone());
+    }
+    TftpConfig { files, ..TftpConfig::default() }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn run(opts: ServeOptions) -> Result<ExitCode> {
+    let store = Store::open(&opts.store_root)?;
+    let site = load(&opts, &store)?;
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .or_else(|| site.server.state_dir.clone())
+        .unwrap_or_else(|| opts.store_root.join("state"));
+    crate::util::mkdir_p(&state_dir)?;
+    let state = Arc::new(State::open(&state_dir)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(crate::util::thread_count().clamp(2, 8))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(opts, store, site, state))
+}
+
+async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) -> Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let http_port = site.http_port;
+    let tftp_port = site.server.tftp_port.unwrap_or(69);
+    let bind = Ipv4Addr::UNSPECIFIED;
+    let http = tokio::net::TcpListener::bind(SocketAddr::from((bind, http_port)))
+        .await
+        .with_context(|| format!("listening for HTTP on port {http_port}"))?;
+    let tftp = tokio::net::UdpSocket::bind(SocketAddr::from((bind, tftp_port)))
+        .await
+        .with_context(|| format!("listening for TFTP on port {tftp_port}"))?;
+    announce(&site, http.local_addr()?.port(), tftp.local_addr()?.port());
+
+    let (site_tx, site_rx) = watch::channel(Arc::new(site));
+    let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (http_ev_tx, mut http_ev) = mpsc::unbounded_channel::<HttpEvent>();
+    let (tftp_ev_tx, mut tftp_ev) = mpsc::unbounded_channel::<TftpEvent>();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(super::http::serve(http, site_rx.clone(), Some(http_ev_tx), stop_rx.clone()));
+    let mut tftp_stop = stop_rx.clone();
+    tasks.spawn(super::tftp::serve(tftp, tftp_rx, Some(tftp_ev_tx), async move {
+        let _ = tftp_stop.wait_for(|s| *s).await;
+    }));
+    let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), stop_rx.clone())?;
+
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut booted: BTreeSet<Mac> = BTreeSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match load(&opts, &store) {
+                    Ok(site) => {
+                        let _ = tftp_tx.send(Arc::new(tftp_config(&site)));
+                        println!("kiln serve: reloaded {} ({} nodes, {} images)", opts.recipe.display(), site.nodes.len(), site.bundles.len());
+                        let _ = site_tx.send(Arc::new(site));
+                    }
+                    Err(e) => eprintln!("kiln serve: reload failed, keeping the running configuration: {e:#}"),
+                }
+            }
+            _ = term.recv() => break Ok(ExitCode::SUCCESS),
+            _ = int.recv() => break Ok(ExitCode::SUCCESS),
+            Some(ev) = http_ev.recv() => {
+                let name = site_rx.borrow().node(ev.mac).map(|n| n.name.clone());
+                if let Err(e) = state.record_event(ev.mac.0, ev.kind, &ev.detail, now()) {
+                    tracing::warn!("recording a boot event: {e:#}");
+                }
+                if ev.kind == "script" {
+                    if name.is_none() {
+                        let _ = state.record_discovered(ev.mac.0, None, Some("iPXE".into()), now());
+                    }
+                    booted.insert(ev.mac);
+                }
+                println!("{} {} {} {} (nodes booted: {})", stamp(), ev.mac, name.as_deref().unwrap_or("unknown"), ev.kind, booted.len());
+            }
+            Some(ev) = tftp_ev.recv() => {
+                match &ev {
+                    TftpEvent::Finished { client, file, bytes, secs } => println!("{} tftp {client} {file} {bytes} bytes in {secs:.1}s", stamp()),
+                    TftpEvent::Failed { client, file, error } => println!("{} tftp {client} {file} failed: {error}", stamp()),
+                    TftpEvent::Started { .. } => {}
+                }
+            }
+            Some(ev) = async { match dhcp_ev.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                let name = site_rx.borrow().node(Mac(ev.mac)).map(|n| n.name.clone());
+                println!("{} {} {} {} {}", stamp(), Mac(ev.mac), name.as_deref().unwrap_or("unknown"), ev.kind.as_str(), ev.detail());
+            }
+            Some(done) = tasks.join_next() => {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(anyhow::anyhow!("a server task failed: {e}")),
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(6), async { while tasks.join_next().await.is_some() {} })
+            .await;
+    println!("kiln serve: stopped");
+    result
+}
+
+fn stamp() -> String {
+    let secs = now();
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+fn announce(site: &Site, http_port: u16, tftp_port: u16) {
+    println!(
+        "kiln serve: {}/{} on {}, DHCP {:?}, HTTP port {http_port}, TFTP port {tftp_port}",
+        site.address,
+        site.prefix,
+        site.server.interface.as_deref().unwrap_or("all interfaces"),
+        site.dhcp_mode(),
+    );
+    println!(
+        "kiln serve: {} nodes, images: {}; firmware files: {}",
+        site.nodes.len(),
+        site.bundles.keys().cloned().collect::<Vec<_>>().join(", "),
+        [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64]
+            .into_iter()
+            .flatten()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
