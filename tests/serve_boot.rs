@@ -30,7 +30,7 @@ fn ip(args: &[&str]) {
 impl Net {
     fn new(tag: &str, with_other: bool) -> Net {
         let ns = format!("kiln-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
         ip(&["netns", "add", &ns]);
         let mut net = Net { ns: ns.clone(), other: None, children: vec![] };
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -42,7 +42,7 @@ impl Net {
         ip(&["-n", &ns, "link", "set", "tap0", "up"]);
         if with_other {
             let other = format!("{ns}-o");
-            let _ = Command::new("ip").args(["netns", "del", &other]).status();
+            let _ = Command::new("ip").args(["netns", "del", &other]).stderr(Stdio::null()).status();
             ip(&["netns", "add", &other]);
             net.other = Some(other.clone());
             ip(&["-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &other]);

@@ -143,8 +143,9 @@ pub struct UnknownMachine {
 }
 
 pub fn list(path: &Path) -> Result<Vec<Node>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    validate(&text, path)
+    let loaded = crate::recipe::LoadedRecipe::load(path)?;
+    let server = loaded.recipe.server.clone().unwrap_or_default();
+    resolve_nodes(&server, &loaded.recipe.profile, &loaded.recipe.node).with_context(|| path.display().to_string())
 }
 
 #[cfg(test)]
