@@ -74,38 +74,42 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static st
             } else if v.eq_ignore_ascii_case("keep-alive") {
                 keep_alive = true;
             }
-        } else if h.name.eq_ignore_ascii_case("content-length") && v != "0" {
-            return Err("request bodies are not accepted");
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if (h.name.eq_ignore_ascii_case("content-length") && v != "0")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+        {
             return Err("request bodies are not accepted");
         }
     }
     Ok(Some((Request { head_only, path, range, if_none_match: inm, keep_alive }, n)))
 }
 
-/// A byte range of a `size`-byte file: `Ok(None)` = whole file, `Err` = unsatisfiable.
-pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+/// A `Range` header that cannot be satisfied (answered with 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A byte range of a `size`-byte file: `Ok(None)` = whole file.
+pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = header.strip_prefix("bytes=") else { return Ok(None) };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
         if n == 0 || size == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         (size.saturating_sub(n), size - 1)
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
+        let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
         let end: u64 = if b.is_empty() {
             size.saturating_sub(1)
         } else {
-            b.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+            b.parse::<u64>().map_err(|_| Unsatisfiable)?.min(size.saturating_sub(1))
         };
         if start >= size || end < start {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         (start, end)
     };
@@ -221,7 +225,7 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
         let range = match req.range.as_deref().map(|r| parse_range(r, blob.size)) {
             None | Some(Ok(None)) => None,
             Some(Ok(Some(r))) => Some(r),
-            Some(Err(())) => {
+            Some(Err(Unsatisfiable)) => {
                 let mut r = Response::text(416, "Range Not Satisfiable", "range not satisfiable\n".into());
                 r.headers.push(("Content-Range", format!("bytes */{}", blob.size)));
                 return r;
@@ -398,8 +402,8 @@ mod tests {
         assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
         assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
         assert_eq!(parse_range("bytes=50-1000", 100), Ok(Some((50, 99))));
-        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=100-", 100), Err(Unsatisfiable));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
-        assert_eq!(parse_range("bytes=x-1", 100), Err(()));
+        assert_eq!(parse_range("bytes=x-1", 100), Err(Unsatisfiable));
     }
 }

@@ -79,13 +79,7 @@ pub fn build(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) 
                 cur.push('/');
             }
             cur.push_str(comp);
-            let mode = if cur == "root/.ssh" {
-                0o700
-            } else if cur == "root" {
-                0o700
-            } else {
-                0o755
-            };
+            let mode = if cur == "root" || cur == "root/.ssh" { 0o700 } else { 0o755 };
             dirs.insert(cur.clone(), mode);
         }
     }
