@@ -159,6 +159,10 @@ fn http_and_tftp_serve_the_site_to_real_clients() {
     let fw = d.join("fw.got");
     sh(&format!("curl -s --tftp-blksize 1468 -o '{}' tftp://127.0.0.1:{}/undionly.kpxe", fw.display(), srv.tftp));
     assert_eq!(sha256_hex(&fw), sha256_hex(&d.join("undionly.kpxe")));
+    // The same file over HTTP, as UEFI HTTP boot clients fetch it.
+    let fw_http = d.join("fw-http.got");
+    curl(&format!("-o '{}' '{}'", fw_http.display(), srv.url("/undionly.kpxe")));
+    assert_eq!(sha256_hex(&fw_http), sha256_hex(&d.join("undionly.kpxe")));
     for evil in ["../../etc/shadow", "/etc/shadow", "kiln.toml"] {
         let out = Command::new("curl")
             .args(["-s", "-o", "-", &format!("tftp://127.0.0.1:{}/{evil}", srv.tftp)])

@@ -6,7 +6,9 @@
 //!   `-n`), a strong ETag (the digest), `If-None-Match`, `Cache-Control: immutable`, and the body
 //!   sent with `sendfile(2)`, so file bytes never pass through user space;
 //! - `GET /overlay/{mac}`: the node's overlay;
-//! - `GET /healthz`.
+//! - `GET /healthz`;
+//! - `GET /{boot file}` (`/snponly.efi`, `/arm64/snponly.efi`, `/undionly.kpxe`): the firmware files,
+//!   for UEFI HTTP boot clients.
 //!
 //! `HEAD` works on every route; keep-alive is supported. Left out: multi-range requests (the
 //! whole file is sent instead, as RFC 9110 allows), request bodies, chunked encoding, TLS, HTTP/2.
@@ -240,6 +242,21 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
             None => (200, "OK", 0, blob.size),
         };
         return Response { status, reason, headers, body: Body::File { path: blob.path.clone(), start, len }, len };
+    }
+    // Firmware files, for UEFI HTTP boot (DHCP gives such clients http://SERVER/<name>).
+    let wanted = path.trim_start_matches('/');
+    let boot = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64];
+    if let Some((_, file)) = boot.into_iter().flatten().find(|(name, _)| name == wanted) {
+        return match std::fs::metadata(file) {
+            Ok(m) => Response {
+                status: 200,
+                reason: "OK",
+                headers: vec![("Content-Type", "application/octet-stream".into())],
+                len: m.len(),
+                body: Body::File { path: file.clone(), start: 0, len: m.len() },
+            },
+            Err(e) => Response::text(500, "Internal Server Error", format!("{wanted}: {e}\n")),
+        };
     }
     Response::text(404, "Not Found", "not found\n".into())
 }
