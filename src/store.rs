@@ -131,6 +131,10 @@ impl Store {
             .tempdir_in(self.root.join("tmp"))
             .with_context(|| format!("creating a build directory in {}", self.root.join("tmp").display()))?
             .keep();
+        // tempfile makes the directory 0700; a finished output is readable by everyone.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting permissions of {}", dir.display()))?;
         Ok(Pending { dir, committed: false })
     }
 
@@ -336,6 +340,9 @@ mod tests {
         )
         .unwrap();
         let out = store.commit(p, &hash, "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(fs::metadata(out.join("manifest.json")).unwrap().permissions().mode() & 0o777, 0o644);
         assert_eq!(store.lookup(&hash, "x").unwrap(), out);
         assert!(store.verify().unwrap().1.is_empty());
         fs::write(out.join("f"), b"tampered").unwrap();

@@ -133,6 +133,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(data).with_context(|| format!("writing {}", tmp.path().display()))?;
+    // tempfile creates 0600; outputs are meant to be read by others (the HTTP server, users).
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting permissions of {}", tmp.path().display()))?;
     tmp.as_file().sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
     tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
     fsync_dir(dir)
@@ -288,6 +293,8 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp files left");
     }
 }
