@@ -15,4 +15,4 @@ echo "== flake.nix parses"
 nix-instantiate --parse flake.nix >/dev/null
 echo "== cargo test"
 # Two test threads: QEMU boots under TCG share the machine's cores.
-cargo test --locked -- --test-threads=2
+cargo test --locked --no-fail-fast -- --test-threads=2

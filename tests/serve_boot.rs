@@ -91,7 +91,8 @@ fn node_image(work: &Path) -> PathBuf {
     let _ = fs::remove_file(&init);
     fs::write(
         &init,
-        "#!/bin/sh\nmount -t proc proc /proc 2>/dev/null\necho \"KILN-NODE-HOSTNAME=$(cat /etc/hostname)\"\necho \"KILN-NODE-ENV $(cat /etc/kiln/node.env | tr '\\n' ' ')\"\npoweroff -f\n",
+        // The hostname line comes last: the test stops reading when it appears.
+        "#!/bin/sh\nmount -t proc proc /proc 2>/dev/null\necho \"KILN-NODE-ENV $(cat /etc/kiln/node.env | tr '\\n' ' ')\"\necho \"KILN-NODE-HOSTNAME=$(cat /etc/hostname)\"\npoweroff -f\n",
     )
     .unwrap();
     sh(&format!("chmod 755 '{}'", init.display()));
