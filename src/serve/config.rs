@@ -13,6 +13,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use super::dhcp::{DhcpMode, Pool};
+
 /// A MAC address; parsed from `52:54:00:aa:bb:42`, `52-54-00-AA-BB-42` or `525400aabb42`,
 /// shown lowercase with colons.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,16 +85,6 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
-/// `full | proxy | off`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DhcpMode {
-    #[default]
-    Full,
-    Proxy,
-    Off,
-}
-
 /// What to do with machines that are not in the node list: `ignore`, `record` (default), or
 /// `boot:<image>`.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
@@ -117,26 +109,6 @@ impl FromStr for Unknown {
     }
 }
 
-/// An address range `10.4.0.100-10.4.0.199`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Pool {
-    pub first: Ipv4Addr,
-    pub last: Ipv4Addr,
-}
-
-impl FromStr for Pool {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let (a, b) = s.split_once('-').with_context(|| format!("{s:?} is not a pool: write FIRST-LAST"))?;
-        let first: Ipv4Addr = a.trim().parse().with_context(|| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let last: Ipv4Addr = b.trim().parse().with_context(|| format!("{s:?}: {b:?} is not an IPv4 address"))?;
-        if u32::from(first) > u32::from(last) {
-            bail!("{s:?}: the first address is after the last");
-        }
-        Ok(Pool { first, last })
-    }
-}
-
 macro_rules! serde_via_str {
     ($($t:ty),*) => {$(
         impl<'de> Deserialize<'de> for $t {
@@ -154,19 +126,18 @@ macro_rules! serde_via_str {
 }
 serde_via_str!(Mac, Ipv4Cidr);
 
-impl<'de> Deserialize<'de> for Unknown {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
-    }
+/// Types read from TOML strings through their `FromStr`.
+macro_rules! deserialize_via_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+            }
+        }
+    )*};
 }
-
-impl<'de> Deserialize<'de> for Pool {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
-    }
-}
+deserialize_via_str!(Unknown, DhcpMode, Pool);
 
 /// Boot files per client architecture, overriding the `[ipxe.*]` build named by `ipxe`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -185,8 +156,8 @@ pub struct ServerRecipe {
     pub interface: Option<String>,
     /// The server's address and prefix on the provisioning network.
     pub address: Option<Ipv4Cidr>,
-    #[serde(default)]
-    pub dhcp: DhcpMode,
+    /// `full` (default), `proxy` or `off`.
+    pub dhcp: Option<DhcpMode>,
     pub pool: Option<Pool>,
     /// Which `[ipxe.NAME]` build answers PXE firmware.
     pub ipxe: Option<String>,

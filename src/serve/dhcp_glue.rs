@@ -7,23 +7,18 @@ use anyhow::Result;
 use tokio::sync::{mpsc, watch};
 
 use super::config::{DhcpMode, Unknown};
-use super::dhcp::{self, BootFiles, DhcpContext, DhcpEvent, Pool, Reservation, Subnet, UnknownPolicy};
+use super::dhcp::{self, BootFiles, DhcpContext, DhcpEvent, Reservation, Subnet, UnknownPolicy};
 use super::site::Site;
 use super::state::State;
 
 /// The DHCP server's view of a site.
 pub fn context(site: &Site) -> DhcpContext {
-    let mode = match site.dhcp_mode() {
-        DhcpMode::Full => dhcp::DhcpMode::Full,
-        DhcpMode::Proxy => dhcp::DhcpMode::Proxy,
-        DhcpMode::Off => dhcp::DhcpMode::Off,
-    };
-    let mut ctx = DhcpContext::new(mode, Subnet { addr: site.address, prefix: site.prefix });
+    let mut ctx = DhcpContext::new(site.dhcp_mode(), Subnet { addr: site.address, prefix: site.prefix });
     ctx.router = site.server.gateway;
     ctx.dns = site.server.dns.clone();
     ctx.domain = site.server.domain.clone();
     ctx.lease_secs = site.server.lease_time.unwrap_or(3600);
-    ctx.pool = site.server.pool.map(|p| Pool { start: p.first, end: p.last });
+    ctx.pool = site.server.pool;
     ctx.http_base = site.base_url();
     ctx.unknown = match site.server.unknown {
         Unknown::Ignore => UnknownPolicy::Ignore,

@@ -34,8 +34,8 @@ pub struct ServeOptions {
 fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
     let mut loaded = LoadedRecipe::load(&opts.recipe)?;
     if let Some(server) = loaded.recipe.server.as_mut() {
-        if let Some(m) = opts.dhcp {
-            server.dhcp = m;
+        if opts.dhcp.is_some() {
+            server.dhcp = opts.dhcp;
         }
         if opts.interface.is_some() {
             server.interface = opts.interface.clone();

@@ -128,7 +128,7 @@ impl Site {
     }
 
     pub fn dhcp_mode(&self) -> DhcpMode {
-        self.server.dhcp
+        self.server.dhcp.unwrap_or(DhcpMode::Full)
     }
 
     pub fn base_url(&self) -> String {
