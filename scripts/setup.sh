@@ -42,6 +42,12 @@ PACKAGES=(
 	tftpd-hpa
 	atftp
 	git
+	xorriso
+	isolinux
+	syslinux-common
+	dosfstools
+	systemd-boot-efi
+	binutils
 )
 
 is_installed() {

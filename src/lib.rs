@@ -4,6 +4,7 @@
 //! store; the rest of kiln serves them. Each part owns one module; the CLI in [`cli`] is a thin
 //! layer over them.
 
+pub mod appliance;
 pub mod archive;
 pub mod build;
 pub mod bundle;

@@ -31,7 +31,7 @@ pub struct Recipe {
     #[serde(default)]
     pub node: BTreeMap<String, NodeRecipe>,
     #[serde(default)]
-    pub appliance: Option<toml::Table>,
+    pub appliance: Option<crate::appliance::ApplianceRecipe>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

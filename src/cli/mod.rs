@@ -65,6 +65,14 @@ pub enum Command {
     /// List and edit the nodes of the recipe, and the unknown machines that asked to boot.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Build a bootable hybrid ISO (BIOS + UEFI, CD or USB) that runs `kiln serve`.
+    ///
+    /// Builds the [appliance] image and the images the nodes boot, then an ISO that boots the
+    /// appliance image and serves the recipe's nodes from the [server] address. Prints the
+    /// ISO's store path. Example:
+    ///
+    ///   kiln appliance --out kiln.iso
+    Appliance(Box<crate::appliance::ApplianceArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -258,6 +266,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => run_serve(args),
         Command::Node(cmd) => run_node(cmd),
         Command::BuildIpxe(args) => crate::ipxe::run(*args),
+        Command::Appliance(args) => crate::appliance::run(*args),
     }
 }
 
@@ -382,7 +391,13 @@ fn run_node(cmd: NodeCommand) -> Result<ExitCode> {
 }
 
 fn run_serve(args: ServeArgs) -> Result<ExitCode> {
-    let dhcp = args.dhcp.as_deref().map(str::parse::<crate::serve::config::DhcpMode>).transpose().context("--dhcp")?;
+    let dhcp = match args.dhcp.as_deref() {
+        None => None,
+        Some("full") => Some(crate::serve::config::DhcpMode::Full),
+        Some("proxy") => Some(crate::serve::config::DhcpMode::Proxy),
+        Some("off") => Some(crate::serve::config::DhcpMode::Off),
+        Some(other) => anyhow::bail!("--dhcp {other:?}: use full, proxy or off"),
+    };
     crate::serve::run::run(crate::serve::run::ServeOptions {
         recipe: args.recipe,
         store_root: args.store.store.clone().unwrap_or_else(crate::util::default_store_root),

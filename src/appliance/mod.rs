@@ -1,0 +1,404 @@
+//! `kiln appliance`: a bootable, reproducible hybrid ISO (BIOS + UEFI, CD or USB stick) that
+//! boots a kiln bundle and runs `kiln serve` from a recipe and store carried on it.
+//!
+//! The boot payload is the `[appliance] image` bundle's kernel and one initrd: its `initramfs`,
+//! its `image` and an "appliance" newc archive (gzip) concatenated, which the kernel unpacks in
+//! turn into one rootfs. The appliance archive holds this kiln binary with the shared libraries
+//! it links (run through their own dynamic loader, so the image's glibc does not matter),
+//! busybox (for `ip`, `modprobe`, `sleep`), the recipe rewritten for the appliance, the store
+//! subset it serves (every bundle verified against its manifest) and `/kiln/appliance-init`,
+//! which the bundle's init shim runs (`kiln.init=`). How the ISO is laid out, and why those
+//! tools, is in docs/appliance.md; [`iso`] drives them.
+
+pub mod iso;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
+use crate::build::{self, BuildOptions};
+use crate::cli::StoreArg;
+use crate::recipe::LoadedRecipe;
+use crate::serve::config::{resolve_nodes, Unknown};
+use crate::store::{input_hash, verify_output, write_manifest, Store, FORMAT_VERSION};
+use crate::util::{sha256_file, HashingWriter, Progress};
+
+/// Bumped whenever the way kiln lays out the appliance changes its output.
+const APPLIANCE_FORMAT: u32 = 1;
+
+/// The init the bundle's shim starts on the appliance.
+pub const APPLIANCE_INIT: &str = include_str!("../../appliance/appliance-init");
+
+/// Where the appliance keeps its store, and where its recipe says the store is.
+const APPLIANCE_STORE: &str = "var/lib/kiln";
+
+/// Network drivers the appliance tries to load (missing ones are skipped).
+const NET_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "ixgbe",
+    "i40e",
+    "ice",
+    "r8169",
+    "tg3",
+    "bnx2",
+    "bnx2x",
+    "bnxt_en",
+    "mlx4_en",
+    "mlx5_core",
+    "vmxnet3",
+    "atlantic",
+    "ena",
+];
+
+/// The `[appliance]` table of the recipe.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceRecipe {
+    /// The `[image.*]` whose OS runs kiln serve (needs a kernel and its modules).
+    pub image: String,
+    /// Images to carry besides those the nodes reference.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplianceArgs {
+    /// The recipe: its [appliance], [server], nodes and images.
+    #[arg(long, short = 'f', default_value = "kiln.toml")]
+    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// Also copy the ISO to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print {"path","size","sha256"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Refuse to resolve anything kiln.lock does not pin.
+    #[arg(long)]
+    pub locked: bool,
+}
+
+/// What an appliance build produced.
+pub struct BuiltIso {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+pub fn run(args: ApplianceArgs) -> Result<ExitCode> {
+    let store = args.store.open()?;
+    let loaded = LoadedRecipe::load(&args.recipe)?;
+    let opts = BuildOptions { locked: args.locked, threads: crate::util::thread_count(), ..Default::default() };
+    let built = build(&store, &loaded, &opts)?;
+    if let Some(out) = &args.out {
+        fs::copy(&built.path, out).with_context(|| format!("copying the ISO to {}", out.display()))?;
+    }
+    if args.json {
+        println!("{}", json!({"path": built.path, "size": built.size, "sha256": built.sha256}));
+    } else {
+        println!("{}", built.path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the bundles the appliance needs, then its ISO, into the store.
+pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Result<BuiltIso> {
+    let recipe = &loaded.recipe;
+    let file = loaded.path.display().to_string();
+    let app = recipe
+        .appliance
+        .clone()
+        .with_context(|| format!("{file} has no [appliance] table: add one with `image = \"NAME\"`"))?;
+    let server =
+        recipe.server.clone().with_context(|| format!("{file} has no [server] table: the appliance serves from it"))?;
+    let cidr = server.address.with_context(|| {
+        format!("{file}: [server] needs `address` (e.g. \"10.4.0.1/24\"): the appliance sets it on its interface")
+    })?;
+    let nodes = resolve_nodes(&server, &recipe.profile, &recipe.node).with_context(|| file.clone())?;
+    let mut served: Vec<String> = nodes.iter().map(|n| n.image.clone()).collect();
+    if let Unknown::Boot(img) = &server.unknown {
+        served.push(img.clone());
+    }
+    served.extend(app.images.iter().cloned());
+    served.sort();
+    served.dedup();
+    let mut wanted = served.clone();
+    wanted.push(app.image.clone());
+    wanted.sort();
+    wanted.dedup();
+    for name in &wanted {
+        if !recipe.image.contains_key(name) {
+            bail!("{file}: the appliance needs image {name:?}, but there is no [image.{name}] to build it");
+        }
+    }
+    let built = build::build_recipe(store, loaded, &wanted, opts)?;
+    let by_name: BTreeMap<&str, &build::Built> = built.iter().map(|b| (b.name.as_str(), b)).collect();
+    let appliance = by_name[app.image.as_str()];
+    let mut progress = Progress::new("appliance");
+    let sde = appliance.manifest["source_date_epoch"].as_i64().unwrap_or(0);
+
+    let mut tree = ArchiveTree::default();
+    // The store subset: each served bundle, checked against its manifest.
+    for name in &served {
+        let b = by_name[name.as_str()];
+        let problems = verify_output(&b.path);
+        if let Some(p) = problems.first() {
+            bail!("{}: {} (rebuild it with `kiln build`)", p.path.display(), p.problem);
+        }
+        let dir_name = b.path.file_name().context("a store path has a name")?.to_string_lossy().into_owned();
+        tree.add_dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &b.path)?;
+        tree.symlink(&format!("{APPLIANCE_STORE}/roots/image-{name}"), &format!("../store/{dir_name}"));
+    }
+    // The recipe as the appliance reads it: no [appliance], boot files and iPXE from the carried store.
+    let text = fs::read_to_string(&loaded.path).with_context(|| format!("reading {file}"))?;
+    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("reading {file}"))?;
+    table.remove("appliance");
+    if let Some(toml::Value::Table(srv)) = table.get_mut("server") {
+        srv.remove("state_dir");
+        srv.remove("interface");
+        if let Some(toml::Value::Table(bf)) = srv.get_mut("boot_files") {
+            for (key, value) in bf.iter_mut() {
+                let host = PathBuf::from(value.as_str().unwrap_or_default());
+                let inside = format!("{APPLIANCE_STORE}/boot/{key}");
+                tree.file(&inside, &host, 0o644)?;
+                *value = toml::Value::String(format!("/{inside}"));
+            }
+        }
+        if let Some(ipxe) = srv.get("ipxe").and_then(|v| v.as_str()) {
+            let root = store.root().join("roots").join(format!("ipxe-{ipxe}"));
+            let dir = fs::canonicalize(&root).with_context(|| {
+                format!("{file}: [server] ipxe = {ipxe:?} has not been built: run `kiln build-ipxe`")
+            })?;
+            let dir_name = dir.file_name().context("a store path has a name")?.to_string_lossy().into_owned();
+            tree.add_dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &dir)?;
+            tree.symlink(&format!("{APPLIANCE_STORE}/roots/ipxe-{ipxe}"), &format!("../store/{dir_name}"));
+        }
+    }
+    let recipe_text = format!(
+        "# kiln.toml for the appliance, written by `kiln appliance` from {}\n{}",
+        loaded.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        toml::to_string(&table)?
+    );
+    tree.bytes("kiln/kiln.toml", recipe_text.into_bytes(), 0o644);
+    // kiln itself, with the libraries it links, run through their own loader.
+    let exe = std::env::current_exe().context("finding the running kiln binary")?;
+    tree.file("kiln/kiln", &exe, 0o755)?;
+    for lib in linked_libraries(&exe)? {
+        let name = lib.file_name().context("a library has a name")?.to_string_lossy().into_owned();
+        let real = fs::canonicalize(&lib).with_context(|| format!("reading {}", lib.display()))?;
+        tree.file(&format!("kiln/lib/{name}"), &real, 0o755)?;
+    }
+    let busybox = which("busybox").context("busybox not found: install busybox-static (scripts/setup.sh)")?;
+    tree.file("kiln/busybox", &busybox, 0o755)?;
+    let env = format!(
+        "KILN_VERSION='{}'\nKILN_ADDRESS='{}/{}'\nKILN_DHCP='{:?}'\nKILN_INTERFACE='{}'\nKILN_NET_MODULES='{}'\n",
+        env!("CARGO_PKG_VERSION"),
+        cidr.addr,
+        cidr.prefix.unwrap_or(24),
+        server.dhcp,
+        server.interface.clone().unwrap_or_default(),
+        NET_MODULES.join(" ")
+    );
+    tree.bytes("kiln/appliance.env", env.into_bytes(), 0o644);
+    tree.bytes("kiln/appliance-init", APPLIANCE_INIT.as_bytes().to_vec(), 0o755);
+
+    let work = tempfile::Builder::new()
+        .prefix("appliance-work-")
+        .tempdir_in(store.root().join("tmp"))
+        .context("creating a work directory in the store")?;
+    progress.step(format!("writing the appliance archive ({} entries)", tree.entries.len()));
+    let archive = work.path().join("appliance.cpio.gz");
+    let archive_sha = tree.write(&archive, sde)?;
+
+    let bundle_manifest = &appliance.manifest;
+    let cmdline = format!("{} kiln.init=/kiln/appliance-init", bundle_manifest["cmdline"].as_str().unwrap_or_default());
+    let payload = iso::Payload {
+        kernel: appliance.path.join("kernel"),
+        initrds: vec![appliance.path.join("initramfs"), appliance.path.join("image"), archive.clone()],
+        cmdline: cmdline.clone(),
+        sde,
+    };
+    let tools = iso::Tools::find()?;
+    let inputs = json!({
+        "kind": "appliance",
+        "format": FORMAT_VERSION,
+        "appliance_format": APPLIANCE_FORMAT,
+        "kernel": bundle_manifest["files"]["kernel"]["sha256"],
+        "initramfs": bundle_manifest["files"]["initramfs"]["sha256"],
+        "image": bundle_manifest["files"]["image"]["sha256"],
+        "appliance_archive": archive_sha,
+        "cmdline": cmdline,
+        "source_date_epoch": sde,
+        "tools": tools.identity()?,
+    });
+    let hash = input_hash(&inputs);
+    let name = format!("appliance-{}", app.image);
+    let out_dir = match store.lookup(&hash, &name) {
+        Some(p) => p,
+        None => {
+            let pending = store.begin(&name)?;
+            let iso_path = pending.dir().join("appliance.iso");
+            progress.step("making the ISO (isolinux, UKI in a FAT image, xorriso)");
+            iso::make(&tools, &payload, work.path(), &iso_path)?;
+            let (digest, size) = sha256_file(&iso_path)?;
+            let manifest = json!({
+                "schema": 1,
+                "kind": "appliance",
+                "name": name,
+                "image": app.image,
+                "images": served,
+                "cmdline": cmdline,
+                "recipe_hash": hash,
+                "source_date_epoch": sde,
+                "format": FORMAT_VERSION,
+                "files": { "appliance.iso": { "sha256": digest.hex(), "size": size } },
+            });
+            write_manifest(pending.dir(), &manifest)?;
+            store.commit(pending, &hash, &name)?
+        }
+    };
+    store.add_root("appliance", &app.image, &out_dir)?;
+    let path = out_dir.join("appliance.iso");
+    let (digest, size) = sha256_file(&path)?;
+    progress.done(path.display());
+    Ok(BuiltIso { path, size, sha256: digest.hex() })
+}
+
+/// The shared libraries `exe` loads, by `ldd` (the vDSO left out).
+fn linked_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out = crate::util::run_command(Command::new("ldd").arg(exe))?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    if !libs.iter().any(|l| l.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ld-linux"))) {
+        bail!("{} links no ld-linux loader (ldd found: {libs:?}); the appliance needs a dynamically linked kiln for x86_64", exe.display());
+    }
+    libs.sort();
+    Ok(libs)
+}
+
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+enum Member {
+    Dir,
+    File(PathBuf, u32),
+    Bytes(Vec<u8>, u32),
+    Symlink(String),
+}
+
+/// The appliance archive's members, by path (so written in bytewise order, parents first).
+#[derive(Default)]
+struct ArchiveTree {
+    entries: BTreeMap<String, Member>,
+}
+
+impl ArchiveTree {
+    fn parents(&mut self, path: &str) {
+        let mut p = path;
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            self.entries.entry(parent.to_string()).or_insert(Member::Dir);
+            p = parent;
+        }
+    }
+
+    fn file(&mut self, path: &str, host: &Path, mode: u32) -> Result<()> {
+        if !host.is_file() {
+            bail!("{} does not exist or is not a file", host.display());
+        }
+        self.parents(path);
+        self.entries.insert(path.to_string(), Member::File(host.to_path_buf(), mode));
+        Ok(())
+    }
+
+    fn bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
+        self.parents(path);
+        self.entries.insert(path.to_string(), Member::Bytes(data, mode));
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) {
+        self.parents(path);
+        self.entries.insert(path.to_string(), Member::Symlink(target.to_string()));
+    }
+
+    /// The regular files directly in `dir` (a store output is flat).
+    fn add_dir_files(&mut self, path: &str, dir: &Path) -> Result<()> {
+        let mut names = Vec::new();
+        for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        self.parents(&format!("{path}/x"));
+        for n in names {
+            self.file(&format!("{path}/{n}"), &dir.join(&n), 0o644)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a gzip newc archive; returns its sha256.
+    fn write(&self, out: &Path, sde: i64) -> Result<String> {
+        let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        let comp = Compressor::new(HashingWriter::new(f), Compression::Gzip, 6, 1)?;
+        let mut cpio = CpioWriter::new(BufWriter::with_capacity(1 << 20, comp));
+        let mtime = sde.clamp(0, u32::MAX as i64) as u32;
+        for (ino, (name, member)) in self.entries.iter().enumerate() {
+            let mut e = CpioEntry { name: name.as_bytes(), ino: ino as u32 + 1, nlink: 1, mtime, ..Default::default() };
+            match member {
+                Member::Dir => {
+                    e.mode = libc::S_IFDIR | 0o755;
+                    e.nlink = 2;
+                    cpio.write_entry(&e, None)?;
+                }
+                Member::File(host, mode) => {
+                    let mut data = File::open(host).with_context(|| format!("reading {}", host.display()))?;
+                    e.mode = libc::S_IFREG | mode;
+                    e.size = data.metadata()?.len();
+                    let mut limited = (&mut data).take(e.size);
+                    cpio.write_entry(&e, Some(&mut limited))
+                        .with_context(|| format!("archiving {}", host.display()))?;
+                }
+                Member::Bytes(data, mode) => {
+                    e.mode = libc::S_IFREG | mode;
+                    e.size = data.len() as u64;
+                    cpio.write_entry(&e, Some(&mut &data[..]))?;
+                }
+                Member::Symlink(target) => {
+                    e.mode = libc::S_IFLNK | 0o777;
+                    e.size = target.len() as u64;
+                    cpio.write_entry(&e, Some(&mut target.as_bytes()))?;
+                }
+            }
+        }
+        let (buf, _) = cpio.finish()?;
+        let comp = buf.into_inner().map_err(|e| e.into_error())?;
+        let hashing = comp.finish().with_context(|| format!("writing {}", out.display()))?;
+        let (f, digest, _) = hashing.finish();
+        f.sync_all()?;
+        Ok(digest.hex())
+    }
+}
