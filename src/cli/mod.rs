@@ -391,13 +391,7 @@ fn run_node(cmd: NodeCommand) -> Result<ExitCode> {
 }
 
 fn run_serve(args: ServeArgs) -> Result<ExitCode> {
-    let dhcp = match args.dhcp.as_deref() {
-        None => None,
-        Some("full") => Some(crate::serve::config::DhcpMode::Full),
-        Some("proxy") => Some(crate::serve::config::DhcpMode::Proxy),
-        Some("off") => Some(crate::serve::config::DhcpMode::Off),
-        Some(other) => anyhow::bail!("--dhcp {other:?}: use full, proxy or off"),
-    };
+    let dhcp = args.dhcp.as_deref().map(str::parse::<crate::serve::config::DhcpMode>).transpose().context("--dhcp")?;
     crate::serve::run::run(crate::serve::run::ServeOptions {
         recipe: args.recipe,
         store_root: args.store.store.clone().unwrap_or_else(crate::util::default_store_root),
