@@ -188,3 +188,79 @@ fn appliance_boots_bios_usb_disk() {
     let text = boot(&built().iso, Firmware::Bios, Media::Disk, Duration::from_secs(600));
     check_console(&text);
 }
+
+/// Waits for `marker` in a console log; panics with the log on timeout or when QEMU exits.
+fn wait_console(log: &Path, marker: &str, child: &mut std::process::Child, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) {
+            eprintln!("{marker:?} after {:.1}s", start.elapsed().as_secs_f64());
+            return text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("QEMU exited ({status}) before {marker:?}; console:\n{text}");
+        }
+        if start.elapsed() > timeout {
+            panic!("{marker:?} did not appear within {timeout:?}; console:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Kills a QEMU process when dropped, so a failed assertion leaves nothing running.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real job: VM A boots the appliance ISO; VM B, diskless and joined to A only by a private
+/// QEMU link on loopback, PXE-boots from A (its NIC ROM's iPXE → A's DHCP → A's HTTP) into the
+/// node image carried on the ISO and prints that image's marker.
+#[test]
+fn a_diskless_node_pxe_boots_from_the_appliance() {
+    static ONE: Mutex<()> = Mutex::new(());
+    let _guard = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let iso = &built().iso;
+    let work = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log_a = work.path().join("appliance.log");
+    let a = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "3072", "-smp", "2", "-machine", "pc"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", log_a.display()))
+        .arg("-netdev")
+        .arg(format!("socket,id=n0,listen=127.0.0.1:{port}"))
+        .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,media=cdrom,readonly=on", iso.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the appliance VM");
+    let mut a = Vm(a);
+    wait_console(&log_a, SERVING, &mut a.0, Duration::from_secs(600));
+
+    let log_b = work.path().join("node.log");
+    let b = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-machine", "pc"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", log_b.display()))
+        .arg("-netdev")
+        .arg(format!("socket,id=n0,connect=127.0.0.1:{port}"))
+        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:09:00:01,bootindex=1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the node VM");
+    let mut b = Vm(b);
+    wait_console(&log_b, "KILN-TINY-BOOTED", &mut b.0, Duration::from_secs(600));
+    let console_a = fs::read_to_string(&log_a).unwrap_or_default();
+    assert!(console_a.contains("n1 script"), "the appliance did not log the node's boot:\n{console_a}");
+}
