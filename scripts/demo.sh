@@ -4,7 +4,9 @@
 #   2. makes a real Debian image on the spot (debootstrap + Debian's kernel, as an OCI layout);
 #   3. builds a boot bundle from it with `kiln build` (twice: the second answers from the store);
 #   4. boots the bundle in QEMU (TCG) until the image's own /sbin/init prints its marker;
-#   5. prints where everything is.
+#   5. builds an appliance ISO (the Debian image runs kiln serve; a tiny node image is carried),
+#      boots it in QEMU, and PXE-boots a diskless node VM from it over a private QEMU link;
+#   6. prints where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +58,73 @@ else
 	exit 1
 fi
 
+say "building the appliance ISO (kiln serve on the Debian image, carrying a tiny node image)"
+TINY=$(scripts/fixtures/tiny.sh | tail -n1)
+SITE=/var/tmp/kiln-demo/site
+mkdir -p "$SITE"
+cat >"$SITE/kiln.toml" <<TOML
+source_date_epoch = 1700000000
+
+[image.appliance]
+from = "oci:$OCI:latest"
+cmdline = "console=tty0 console=ttyS0,115200"
+
+[image.tiny]
+from = "oci:$TINY/oci:latest"
+
+[server]
+address = "10.213.9.1/24"
+dhcp = "full"
+
+[node.n1]
+mac = "52:54:00:09:00:01"
+image = "tiny"
+ipv4 = "10.213.9.11"
+
+[appliance]
+image = "appliance"
+TOML
+ISO_JSON=$(cd "$SITE" && "$KILN" appliance --store "$STORE" --out "$SITE/site.iso" --json)
+echo "$ISO_JSON"
+
+say "booting the appliance (VM A), then a diskless node (VM B) on a private link to it"
+ALOG=$(mktemp /tmp/kiln-demo-appliance.XXXXXX)
+BLOG=$(mktemp /tmp/kiln-demo-node.XXXXXX)
+PORT=$((20000 + RANDOM % 20000))
+timeout 900 qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 2 -machine pc -nodefaults -no-user-config \
+	-display none -no-reboot -serial "file:$ALOG" -netdev "socket,id=n0,listen=127.0.0.1:$PORT" \
+	-device virtio-net-pci,netdev=n0,romfile= -drive "file=$SITE/site.iso,format=raw,media=cdrom,readonly=on" &
+vm_a=$!
+trap 'kill $vm_a ${vm_b:-} 2>/dev/null || true' EXIT
+for _ in $(seq 1200); do
+	grep -q 'kiln serve: 10.213.9.1/24' "$ALOG" 2>/dev/null && break
+	kill -0 $vm_a 2>/dev/null || break
+	sleep 0.5
+done
+grep -a -E '^kiln (appliance|serve):' "$ALOG" | head -n 4
+timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 1024 -machine pc -nodefaults -no-user-config \
+	-display none -no-reboot -serial "file:$BLOG" -netdev "socket,id=n0,connect=127.0.0.1:$PORT" \
+	-device virtio-net-pci,netdev=n0,mac=52:54:00:09:00:01,bootindex=1 &
+vm_b=$!
+for _ in $(seq 1200); do
+	grep -q KILN-TINY-BOOTED "$BLOG" 2>/dev/null && break
+	kill -0 $vm_b 2>/dev/null || break
+	sleep 0.5
+done
+kill $vm_a $vm_b 2>/dev/null || true
+if grep -q KILN-TINY-BOOTED "$BLOG"; then
+	grep -a -E 'n1 ' "$ALOG" | head -n 6
+	echo "the diskless node booted from the appliance"
+else
+	tail -n 20 "$BLOG"
+	echo "the node did not boot from the appliance; logs: $ALOG $BLOG" >&2
+	exit 1
+fi
+
 say "where everything is"
+echo "appliance ISO:   $SITE/site.iso"
+echo "appliance log:   $ALOG"
+echo "node log:        $BLOG"
 echo "kiln binary:     $KILN"
 echo "source image:    $OCI"
 echo "store:           $STORE"
