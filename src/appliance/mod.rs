@@ -205,11 +205,11 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     let busybox = which("busybox").context("busybox not found: install busybox-static (scripts/setup.sh)")?;
     tree.file("kiln/busybox", &busybox, 0o755)?;
     let env = format!(
-        "KILN_VERSION='{}'\nKILN_ADDRESS='{}/{}'\nKILN_DHCP='{:?}'\nKILN_INTERFACE='{}'\nKILN_NET_MODULES='{}'\n",
+        "KILN_VERSION='{}'\nKILN_ADDRESS='{}/{}'\nKILN_DHCP='{}'\nKILN_INTERFACE='{}'\nKILN_NET_MODULES='{}'\n",
         env!("CARGO_PKG_VERSION"),
         cidr.addr,
         cidr.prefix.unwrap_or(24),
-        server.dhcp,
+        server.dhcp.unwrap_or(crate::serve::config::DhcpMode::Full),
         server.interface.clone().unwrap_or_default(),
         NET_MODULES.join(" ")
     );

@@ -73,6 +73,16 @@ pub enum DhcpMode {
     Off,
 }
 
+impl std::fmt::Display for DhcpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DhcpMode::Full => "full",
+            DhcpMode::Proxy => "proxy",
+            DhcpMode::Off => "off",
+        })
+    }
+}
+
 impl FromStr for DhcpMode {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -179,7 +179,7 @@ fn stamp() -> String {
 
 fn announce(site: &Site, http_port: u16, tftp_port: u16) {
     println!(
-        "kiln serve: {}/{} on {}, DHCP {:?}, HTTP port {http_port}, TFTP port {tftp_port}",
+        "kiln serve: {}/{} on {}, DHCP {}, HTTP port {http_port}, TFTP port {tftp_port}",
         site.address,
         site.prefix,
         site.server.interface.as_deref().unwrap_or("all interfaces"),
