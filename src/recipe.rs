@@ -51,6 +51,9 @@ pub struct ImageRecipe {
     /// OCI architecture to pick from a multi-platform image (default: this machine's).
     #[serde(default)]
     pub arch: Option<String>,
+    /// A directory of overlay templates for the nodes booting this image (`kiln serve`).
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
 }
 
 /// A recipe and where it was read from.

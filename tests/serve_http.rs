@@ -72,6 +72,7 @@ fn site() -> (tempfile::TempDir, PathBuf) {
             r#"[image.tiny]
 from = "oci:{}:latest"
 cmdline = "console=ttyS0"
+overlay = "overlay-tiny"
 
 [server]
 address = "127.0.0.1/8"
@@ -90,6 +91,8 @@ ipv4 = "10.9.0.11"
         ),
     )
     .unwrap();
+    fs::create_dir_all(d.join("overlay-tiny/etc")).unwrap();
+    fs::write(d.join("overlay-tiny/etc/motd"), "welcome to {{node}} ({{ipv4}}/{{prefix}})\n").unwrap();
     // A stand-in firmware file of a few TFTP blocks.
     fs::write(d.join("undionly.kpxe"), (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()).unwrap();
     kiln_ok(d, &store, &["build", "--quiet"]);
@@ -154,6 +157,9 @@ fn http_and_tftp_serve_the_site_to_real_clients() {
         srv.url("/overlay/52:54:00:00:00:01")
     ));
     assert_eq!(overlay, "n001\n");
+    let motd =
+        curl(&format!("'{}' | gzip -dc | cpio -i --quiet --to-stdout etc/motd", srv.url("/overlay/52:54:00:00:00:01")));
+    assert_eq!(motd, "welcome to n001 (10.9.0.11/8)\n", "the admin's template was not rendered");
 
     // TFTP: the firmware file, byte for byte; nothing outside the served set.
     let fw = d.join("fw.got");
@@ -280,6 +286,10 @@ fn configuration_errors_are_named_before_serving() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("[node.n001]") && err.contains("\"missing\"") && err.contains("[image.missing]"), "{err}");
+    fs::write(d.join("overlay-tiny/etc/motd"), "{{nonsense}}").unwrap();
+    fs::write(d.join("kiln.toml"), &text).unwrap();
+    let err = kiln_err(d, &store, &["serve", "--dhcp", "off", "--http-port", "0", "--tftp-port", "0"]);
+    assert!(err.contains("etc/motd") && err.contains("{{nonsense}}"), "{err}");
     fs::write(d.join("kiln.toml"), text.replace("[server]\n", "[server]\nmystery = 1\n")).unwrap();
     let err = kiln_err(d, &store, &["serve"]);
     assert!(err.contains("mystery") && err.contains("line"), "{err}");

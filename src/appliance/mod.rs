@@ -188,6 +188,22 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
             tree.symlink(&format!("{APPLIANCE_STORE}/roots/ipxe-{ipxe}"), &format!("../store/{dir_name}"));
         }
     }
+    // Overlay templates travel with the recipe.
+    if let Some(toml::Value::Table(images)) = table.get_mut("image") {
+        let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        for (name, img) in images.iter_mut() {
+            let Some(t) = img.as_table_mut() else { continue };
+            let Some(dir) = t.get("overlay").and_then(|v| v.as_str()).map(PathBuf::from) else { continue };
+            let host = if dir.is_absolute() { dir } else { base.join(dir) };
+            let inside = format!("kiln/overlays/{name}");
+            let templates = crate::serve::overlay::read_templates(&host)
+                .with_context(|| format!("{file}: [image.{name}] overlay"))?;
+            for (rel, (mode, data)) in templates {
+                tree.bytes(&format!("{inside}/{rel}"), data, mode);
+            }
+            t.insert("overlay".into(), toml::Value::String(format!("/{inside}")));
+        }
+    }
     let recipe_text = format!(
         "# kiln.toml for the appliance, written by `kiln appliance` from {}\n{}",
         loaded.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),

@@ -7,13 +7,19 @@
 //!   the interface with the node's MAC, for systemd-networkd;
 //! - `/root/.ssh/authorized_keys` (0600 in a 0700 directory) when keys are configured.
 //!
-//! The bytes depend only on the node list and the server's address: same config, same overlay.
+//! - anything the admin adds: the files of the image's `overlay` directory (`[image.NAME] overlay
+//!   = "DIR"`), with `{{node}}`, `{{hostname}}`, `{{mac}}`, `{{image}}`, `{{ipv4}}`, `{{prefix}}`,
+//!   `{{gateway}}`, `{{vlan}}` and `{{server}}` replaced by the node's values. They are added
+//!   last, so they can replace the files above.
+//!
+//! The bytes depend only on the node list, the server's address and the templates: same config,
+//! same overlay.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use super::config::Node;
 use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
@@ -68,9 +74,74 @@ pub fn files(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) 
     f
 }
 
+/// Template files of an overlay directory: relative path → (mode, contents). Only regular files
+/// and directories are read; symlinks are refused so nothing outside the directory is read.
+pub fn read_templates(dir: &std::path::Path) -> Result<BTreeMap<String, (u32, Vec<u8>)>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading overlay directory {}", d.display()))? {
+            let e = e?;
+            let p = e.path();
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let rel = p.strip_prefix(dir).expect("below the overlay directory").to_string_lossy().into_owned();
+                let mode = e.metadata()?.permissions().mode() & 0o7777;
+                out.insert(rel, (mode, std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?));
+            } else {
+                bail!("{}: overlay templates must be regular files or directories", p.display());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces `{{name}}` with the node's values; an unknown name is an error naming the file.
+pub fn render(file: &str, text: &[u8], node: &Node, server: Ipv4Addr) -> Result<Vec<u8>> {
+    let Ok(text) = std::str::from_utf8(text) else { return Ok(text.to_vec()) };
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let j = after.find("}}").with_context(|| format!("overlay template {file}: `{{{{` without `}}}}`"))?;
+        let value = match after[..j].trim() {
+            "node" => node.name.clone(),
+            "hostname" => node.hostname.clone(),
+            "mac" => node.mac.to_string(),
+            "image" => node.image.clone(),
+            "ipv4" => opt(node.ipv4.map(|i| i.to_string())),
+            "prefix" => opt(node.prefix.map(|p| p.to_string())),
+            "gateway" => opt(node.gateway.map(|g| g.to_string())),
+            "vlan" => opt(node.vlan.map(|v| v.to_string())),
+            "server" => server.to_string(),
+            other => bail!(
+                "overlay template {file} uses unknown variable {{{{{other}}}}} (known: node, hostname, mac, image, ipv4, prefix, gateway, vlan, server)"
+            ),
+        };
+        out.push_str(&value);
+        rest = &after[j + 2..];
+    }
+    out.push_str(rest);
+    Ok(out.into_bytes())
+}
+
 /// The overlay as a gzip-compressed newc archive (every iPXE and kernel reads gzip).
-pub fn build(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) -> Result<Vec<u8>> {
-    let files = files(node, all, server, domain);
+pub fn build(
+    node: &Node,
+    all: &[Node],
+    server: Ipv4Addr,
+    domain: Option<&str>,
+    templates: &BTreeMap<String, (u32, Vec<u8>)>,
+) -> Result<Vec<u8>> {
+    let mut files = files(node, all, server, domain);
+    for (path, (mode, text)) in templates {
+        files.insert(path.clone(), (*mode, render(path, text, node, server)?));
+    }
     let mut dirs: BTreeMap<String, u32> = BTreeMap::new();
     for path in files.keys() {
         let mut cur = String::new();
@@ -135,14 +206,34 @@ mod tests {
     fn overlay_is_deterministic_and_lists_cluster_hosts() {
         let all = vec![node("n001", Some("10.4.0.11")), node("n002", Some("10.4.0.12"))];
         let server: Ipv4Addr = "10.4.0.1".parse().unwrap();
-        let a = build(&all[0], &all, server, None).unwrap();
-        assert_eq!(a, build(&all[0], &all, server, None).unwrap());
+        let a = build(&all[0], &all, server, None, &BTreeMap::new()).unwrap();
+        assert_eq!(a, build(&all[0], &all, server, None, &BTreeMap::new()).unwrap());
         let f = files(&all[0], &all, server, Some("cluster"));
         assert_eq!(f["etc/hostname"].1, b"n001\n");
         let hosts = String::from_utf8(f["etc/hosts"].1.clone()).unwrap();
         assert!(hosts.contains("10.4.0.12\tn002.cluster n002"), "{hosts}");
         assert_eq!(f["root/.ssh/authorized_keys"].0, 0o600);
         assert!(String::from_utf8_lossy(&f["etc/systemd/network/10-kiln.network"].1).contains("Address=10.4.0.11/24"));
-        assert_ne!(a, build(&all[1], &all, server, None).unwrap());
+        assert_ne!(a, build(&all[1], &all, server, None, &BTreeMap::new()).unwrap());
+    }
+
+    #[test]
+    fn admin_templates_are_rendered_and_checked() {
+        let n = node("n001", Some("10.4.0.11"));
+        let server: Ipv4Addr = "10.4.0.1".parse().unwrap();
+        let out = render("etc/motd", b"{{hostname}} at {{ ipv4 }}/{{prefix}} via {{server}}\n", &n, server).unwrap();
+        assert_eq!(out, b"n001 at 10.4.0.11/24 via 10.4.0.1\n");
+        let err = render("etc/motd", b"{{nope}}", &n, server).unwrap_err().to_string();
+        assert!(err.contains("etc/motd") && err.contains("{{nope}}"), "{err}");
+        assert!(render("x", b"{{hostname", &n, server).is_err());
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(d.path().join("etc/motd"), "welcome to {{node}}\n").unwrap();
+        let t = read_templates(d.path()).unwrap();
+        let all = vec![n.clone()];
+        let bytes = build(&n, &all, server, None, &t).unwrap();
+        assert_ne!(bytes, build(&n, &all, server, None, &BTreeMap::new()).unwrap());
+        std::os::unix::fs::symlink("/etc/shadow", d.path().join("etc/shadow")).unwrap();
+        assert!(read_templates(d.path()).unwrap_err().to_string().contains("regular files"));
     }
 }

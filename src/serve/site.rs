@@ -104,9 +104,24 @@ impl Site {
             bundles.insert(image.clone(), bundle);
         }
         let boot_files = boot_files(&server, store, &file)?;
+        let mut templates = HashMap::new();
+        for (name, img) in &recipe.image {
+            if let Some(dir) = &img.overlay {
+                let dir = if dir.is_absolute() {
+                    dir.clone()
+                } else {
+                    loaded.path.parent().unwrap_or(Path::new(".")).join(dir)
+                };
+                let t = overlay::read_templates(&dir).with_context(|| format!("{file}: [image.{name}] overlay"))?;
+                templates.insert(name.clone(), t);
+            }
+        }
+        let none = BTreeMap::new();
         let mut overlays = HashMap::new();
         for n in &nodes {
-            let bytes = overlay::build(n, &nodes, cidr.addr, server.domain.as_deref())?;
+            let t = templates.get(&n.image).unwrap_or(&none);
+            let bytes = overlay::build(n, &nodes, cidr.addr, server.domain.as_deref(), t)
+                .with_context(|| format!("{file}: overlay of [node.{}]", n.name))?;
             overlays.insert(n.mac, Arc::new(bytes));
         }
         Ok(Site {
