@@ -190,25 +190,6 @@ fn appliance_boots_bios_usb_disk() {
     check_console(&text);
 }
 
-/// Waits for `marker` in a console log; panics with the log on timeout or when QEMU exits.
-fn wait_console(log: &Path, marker: &str, child: &mut std::process::Child, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if text.contains(marker) {
-            eprintln!("{marker:?} after {:.1}s", start.elapsed().as_secs_f64());
-            return text;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("QEMU exited ({status}) before {marker:?}; console:\n{text}");
-        }
-        if start.elapsed() > timeout {
-            panic!("{marker:?} did not appear within {timeout:?}; console:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// Kills a QEMU process when dropped, so a failed assertion leaves nothing running.
 struct Vm(std::process::Child);
 

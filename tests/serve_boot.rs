@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -141,24 +141,6 @@ ipv4 = "{SUBNET}.42"
     Setup { _work: work, dir, store }
 }
 
-fn wait_for(log: &Path, marker: &str, timeout: Duration, vm: &mut Child) -> String {
-    let start = Instant::now();
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if text.contains(marker) {
-            eprintln!("{marker:?} after {:.1}s", start.elapsed().as_secs_f64());
-            return text;
-        }
-        if let Ok(Some(st)) = vm.try_wait() {
-            panic!("QEMU exited ({st}) before {marker:?}; console:\n{text}");
-        }
-        if start.elapsed() > timeout {
-            panic!("{marker:?} did not appear within {timeout:?}; console:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn boot(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool) {
     if !have("qemu-system-x86_64") || !Path::new("/usr/lib/ipxe/undionly.kpxe").exists() {
         panic!("qemu-system-x86 and ipxe are needed: run scripts/setup.sh");
@@ -225,7 +207,7 @@ fn boot(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool) {
         .spawn()
         .expect("starting QEMU");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for(&console, "KILN-NODE-HOSTNAME=n042", Duration::from_secs(420), &mut vm)
+        wait_console(&console, "KILN-NODE-HOSTNAME=n042", &mut vm, Duration::from_secs(420))
     }));
     let _ = vm.kill();
     let _ = vm.wait();

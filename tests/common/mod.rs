@@ -144,3 +144,23 @@ pub fn boot_until(kernel: &Path, initrds: &[&Path], cmdline: &str, marker: &str,
 pub fn sha256_hex(p: &Path) -> String {
     sh(&format!("sha256sum '{}' | cut -d' ' -f1", p.display())).trim().to_string()
 }
+
+/// Waits for `marker` in a console log written by `vm`; panics with the log when QEMU exits
+/// first or `timeout` passes. Returns the log.
+pub fn wait_console(log: &Path, marker: &str, vm: &mut std::process::Child, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) {
+            eprintln!("{marker:?} after {:.1}s", start.elapsed().as_secs_f64());
+            return text;
+        }
+        if let Ok(Some(status)) = vm.try_wait() {
+            panic!("QEMU exited ({status}) before {marker:?}; console:\n{text}");
+        }
+        if start.elapsed() > timeout {
+            panic!("{marker:?} did not appear within {timeout:?}; console:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
