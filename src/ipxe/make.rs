@@ -78,13 +78,7 @@ impl WorkTree {
         let wanted = config.render_all(&source.src_dir.join("config/local"))?;
         // Every header a build may have overridden goes back to the source's own when this
         // build has no settings for it.
-        let mut headers: Vec<String> = fs::read_dir(self.src.join("config"))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".h"))
-            .collect();
-        headers.sort();
-        for h in headers {
+        for h in super::options::config_headers(&self.src.join("config"))? {
             let original = source.src_dir.join("config/local").join(&h);
             let content = match wanted.get(&h) {
                 Some(text) => Some(text.clone().into_bytes()),

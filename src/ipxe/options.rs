@@ -96,8 +96,8 @@ fn mentions(line: &str, name: &str) -> bool {
     word == name
 }
 
-/// The header of `config_dir` (iPXE's `src/config`) where `name` is defined.
-pub fn find_header(config_dir: &Path, name: &str) -> Result<String> {
+/// The `.h` files of a directory (iPXE's `src/config`), in name order.
+pub fn config_headers(config_dir: &Path) -> Result<Vec<String>> {
     let mut headers: Vec<_> = fs::read_dir(config_dir)
         .with_context(|| format!("reading {}", config_dir.display()))?
         .filter_map(|e| e.ok())
@@ -105,7 +105,12 @@ pub fn find_header(config_dir: &Path, name: &str) -> Result<String> {
         .filter(|n| n.ends_with(".h"))
         .collect();
     headers.sort();
-    for h in headers {
+    Ok(headers)
+}
+
+/// The header of `config_dir` (iPXE's `src/config`) where `name` is defined.
+pub fn find_header(config_dir: &Path, name: &str) -> Result<String> {
+    for h in config_headers(config_dir)? {
         let p = config_dir.join(&h);
         let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         if text.lines().any(|l| mentions(l, name)) {
