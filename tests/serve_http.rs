@@ -99,6 +99,18 @@ ipv4 = "10.9.0.11"
     (work, store)
 }
 
+/// `f()` once it is `Some`, trying for up to 10 s.
+fn poll<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
 fn curl(args: &str) -> String {
     sh(&format!("curl -s {args}"))
 }
@@ -176,6 +188,32 @@ fn http_and_tftp_serve_the_site_to_real_clients() {
             .unwrap();
         assert!(!out.status.success() && out.stdout.is_empty(), "TFTP served {evil}");
     }
+
+    // The boot log, read while the server runs (it holds the database; the CLI asks it over its socket):
+    // the script and overlay name the MAC; blob downloads and TFTP come from the address that asked for
+    // n001's script, so they are n001's too.
+    // (The last TFTP event is recorded when the server sees curl's last ACK: wait for it, boundedly.)
+    let events = poll(|| {
+        let out = kiln_ok(d, &store, &["node", "events", "--mac", "n001", "--json"]);
+        out.contains("undionly.kpxe").then_some(out)
+    })
+    .expect("no TFTP event for n001");
+    let events: Vec<serde_json::Value> = serde_json::from_str(&events).unwrap();
+    let kinds: Vec<(&str, &str)> =
+        events.iter().map(|e| (e["kind"].as_str().unwrap(), e["detail"].as_str().unwrap())).collect();
+    assert!(events.iter().all(|e| e["mac"] == "52:54:00:00:00:01"), "{events:?}");
+    assert_eq!(kinds[0], ("script", "n001"), "{kinds:?}");
+    let whole = format!("tiny/image {size} bytes in ");
+    assert!(kinds.iter().any(|(k, d)| *k == "blob" && d.starts_with(&whole)), "{kinds:?}");
+    assert!(kinds.iter().any(|(k, d)| *k == "blob" && d.starts_with("tiny/image 10 bytes")), "the range: {kinds:?}");
+    assert!(kinds.iter().any(|(k, d)| *k == "overlay" && d.ends_with(" bytes")), "{kinds:?}");
+    assert!(kinds.iter().any(|(k, d)| *k == "tftp" && d.starts_with("undionly.kpxe ")), "{kinds:?}");
+    let text = kiln_ok(d, &store, &["node", "events"]);
+    assert!(text.lines().any(|l| l.contains("52:54:00:00:00:01 n001") && l.contains("blob")), "{text}");
+    let log = fs::read_to_string(&srv.log).unwrap();
+    assert!(log.contains("n001 blob tiny/image"), "{log}");
+    let err = kiln_err(d, &store, &["node", "events", "--mac", "n999"]);
+    assert!(err.contains("neither a MAC address nor a node"), "{err}");
 }
 
 #[test]
@@ -200,6 +238,27 @@ fn bad_requests_get_errors_and_the_server_keeps_serving() {
     // An unknown machine is told to wait, and recorded.
     let script = curl(&srv.url("/ipxe/52:54:00:00:00:77"));
     assert!(script.contains("not a known node") && script.contains("reboot"), "{script}");
+    // (Recorded by the server's event loop just after the answer: wait for it, boundedly.)
+    let unknown = poll(|| {
+        let out = kiln_ok(work.path(), &store, &["node", "ls", "--unknown", "--json"]);
+        out.contains("52:54:00:00:00:77").then_some(out)
+    });
+    assert!(unknown.is_some(), "not listed while the server runs");
+    // Garbage on the control socket gets an error answer; the server keeps answering.
+    let socket = store.join("state/kiln.sock");
+    let answer = {
+        use std::io::{BufRead, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(b"garbage\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    };
+    assert!(answer.contains("\"ok\":false") && answer.contains("not a query"), "{answer}");
+    assert_eq!(curl(&srv.url("/healthz")), "ok\n");
+    let unknown = kiln_ok(work.path(), &store, &["node", "ls", "--unknown", "--json"]);
+    assert!(unknown.contains("52:54:00:00:00:77"), "{unknown}");
 }
 
 #[test]

@@ -130,7 +130,7 @@ pub enum NodeCommand {
         store: StoreArg,
         #[arg(long)]
         unknown: bool,
-        /// Where the server keeps its state (default: <store>/state).
+        /// Where the server keeps its state (default: [server] state_dir, else <store>/state).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[arg(long)]
@@ -151,6 +151,27 @@ pub enum NodeCommand {
         recipe: PathBuf,
         #[command(flatten)]
         fields: NodeFields,
+    },
+    /// Show the boot log: what each machine asked for (DHCP, TFTP, script, kernel and initrds, overlay), oldest
+    /// first. Reads the state directory, or asks the running `kiln serve` that holds it.
+    ///
+    ///   kiln node events --mac 52:54:00:aa:bb:42 --limit 20
+    Events {
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only this machine's events (a MAC address, or a node name from the recipe).
+        #[arg(long)]
+        mac: Option<String>,
+        /// How many events at most (the newest ones).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where the server keeps its state (default: [server] state_dir, else <store>/state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a node from the recipe.
     Rm {
@@ -352,18 +373,16 @@ pub struct ServeArgs {
 }
 
 fn run_node(cmd: NodeCommand) -> Result<ExitCode> {
-    use crate::serve::nodes;
+    use crate::serve::{nodes, state};
     let mut out = std::io::stdout().lock();
     match cmd {
         NodeCommand::Ls { recipe, store, unknown, state_dir, json } => {
             if unknown {
                 let known: Vec<_> = if recipe.exists() { nodes::list(&recipe)? } else { vec![] };
-                let dir = state_dir.unwrap_or_else(|| {
-                    store.store.clone().unwrap_or_else(crate::util::default_store_root).join("state")
-                });
-                let state = crate::serve::state::State::open(&dir)?;
-                let rows: Vec<_> =
-                    state.discovered()?.into_iter().filter(|d| !known.iter().any(|n| n.mac.0 == d.mac)).collect();
+                let dir = state_dir_of(&recipe, &store, state_dir)?;
+                let all: Vec<crate::serve::state::Discovered> =
+                    serde_json::from_value(state::ask(&dir, &state::Query::Discovered)?)?;
+                let rows: Vec<_> = all.into_iter().filter(|d| !known.iter().any(|n| n.mac.0 == d.mac)).collect();
                 if json {
                     writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
                 } else {
@@ -386,8 +405,54 @@ fn run_node(cmd: NodeCommand) -> Result<ExitCode> {
         NodeCommand::Add { name, recipe, fields } => nodes::add(&recipe, &name, &fields.edit())?,
         NodeCommand::Set { name, recipe, fields } => nodes::set(&recipe, &name, &fields.edit())?,
         NodeCommand::Rm { name, recipe } => nodes::rm(&recipe, &name)?,
+        NodeCommand::Events { recipe, store, mac, limit, state_dir, json } => {
+            let known = if recipe.exists() { nodes::list(&recipe)? } else { vec![] };
+            let mac = match mac {
+                None => None,
+                Some(m) => match known.iter().find(|n| n.name == m) {
+                    Some(n) => Some(n.mac.to_string()),
+                    None => Some(state::format_mac(state::parse_mac(&m).with_context(|| {
+                        format!("--mac {m:?}: neither a MAC address nor a node of {}", recipe.display())
+                    })?)),
+                },
+            };
+            let dir = state_dir_of(&recipe, &store, state_dir)?;
+            let events: Vec<state::BootEvent> =
+                serde_json::from_value(state::ask(&dir, &state::Query::Events { mac, limit })?)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&events)?)?;
+            } else {
+                for e in &events {
+                    let name = known.iter().find(|n| n.mac.0 == e.mac).map(|n| n.name.as_str()).unwrap_or("unknown");
+                    writeln!(
+                        out,
+                        "{} {} {:<12} {:<10} {}",
+                        crate::util::utc_time(e.time),
+                        state::format_mac(e.mac),
+                        name,
+                        e.kind,
+                        e.detail
+                    )?;
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The state directory a node command reads, chosen as `kiln serve` chooses it: `--state-dir`, else the recipe's
+/// `[server] state_dir`, else `<store>/state`.
+fn state_dir_of(recipe: &std::path::Path, store: &StoreArg, given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    if recipe.exists() {
+        let loaded = crate::recipe::LoadedRecipe::load(recipe)?;
+        if let Some(dir) = loaded.recipe.server.and_then(|s| s.state_dir) {
+            return Ok(dir);
+        }
+    }
+    Ok(store.store.clone().unwrap_or_else(crate::util::default_store_root).join("state"))
 }
 
 fn run_serve(args: ServeArgs) -> Result<ExitCode> {

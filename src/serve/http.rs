@@ -14,6 +14,7 @@
 //! whole file is sent instead, as RFC 9110 allows), request bodies, chunked encoding, TLS, HTTP/2.
 //! Nothing is read from disk by request path: blobs are looked up by digest in the site's table.
 
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +27,12 @@ use tokio::sync::{mpsc, watch};
 use super::config::Mac;
 use super::site::Site;
 
-/// Something a node did, for the boot log.
+/// Something a machine did, for the boot log. Blob downloads name no MAC: the server attributes them by the
+/// client's address (the machine that last asked for its script or overlay from there, or its lease).
 #[derive(Debug, Clone)]
 pub struct HttpEvent {
-    pub mac: Mac,
+    pub mac: Option<Mac>,
+    pub client: IpAddr,
     pub kind: &'static str,
     pub detail: String,
 }
@@ -130,12 +133,15 @@ struct Response {
     headers: Vec<(&'static str, String)>,
     body: Body,
     len: u64,
+    /// For the boot log: the blob's label when the body is a blob.
+    blob: Option<String>,
 }
 
 impl Response {
     fn text(status: u16, reason: &'static str, text: String) -> Self {
         let len = text.len() as u64;
         Response {
+            blob: None,
             status,
             reason,
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
@@ -165,12 +171,12 @@ pub fn percent_decode(path: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpEvent>>) -> Response {
+fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::UnboundedSender<HttpEvent>>) -> Response {
     let decoded = percent_decode(req.path.split('?').next().unwrap_or(""));
     let path = decoded.as_str();
     let event = |mac: Mac, kind: &'static str, detail: String| {
         if let Some(tx) = events {
-            let _ = tx.send(HttpEvent { mac, kind, detail });
+            let _ = tx.send(HttpEvent { mac: Some(mac), client, kind, detail });
         }
     };
     if path == "/healthz" {
@@ -194,6 +200,7 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
             Some(bytes) => {
                 event(mac, "overlay", format!("{} bytes", bytes.len()));
                 Response {
+                    blob: None,
                     status: 200,
                     reason: "OK",
                     headers: vec![
@@ -222,7 +229,14 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
             ("Content-Type", "application/octet-stream".to_string()),
         ];
         if req.if_none_match.as_deref().is_some_and(|v| v == "*" || v.split(',').any(|t| t.trim() == etag)) {
-            return Response { status: 304, reason: "Not Modified", headers: common, body: Body::None, len: 0 };
+            return Response {
+                status: 304,
+                reason: "Not Modified",
+                headers: common,
+                body: Body::None,
+                len: 0,
+                blob: None,
+            };
         }
         let range = match req.range.as_deref().map(|r| parse_range(r, blob.size)) {
             None | Some(Ok(None)) => None,
@@ -241,7 +255,14 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
             }
             None => (200, "OK", 0, blob.size),
         };
-        return Response { status, reason, headers, body: Body::File { path: blob.path.clone(), start, len }, len };
+        return Response {
+            status,
+            reason,
+            headers,
+            body: Body::File { path: blob.path.clone(), start, len },
+            len,
+            blob: Some(blob.label.clone()),
+        };
     }
     // Firmware files, for UEFI HTTP boot (DHCP gives such clients http://SERVER/<name>).
     let wanted = path.trim_start_matches('/');
@@ -249,6 +270,7 @@ fn route(site: &Site, req: &Request, events: &Option<mpsc::UnboundedSender<HttpE
     if let Some((_, file)) = boot.into_iter().flatten().find(|(name, _)| name == wanted) {
         return match std::fs::metadata(file) {
             Ok(m) => Response {
+                blob: None,
                 status: 200,
                 reason: "OK",
                 headers: vec![("Content-Type", "application/octet-stream".into())],
@@ -295,6 +317,7 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u6
 
 async fn connection(
     mut stream: TcpStream,
+    client: IpAddr,
     site: watch::Receiver<Arc<Site>>,
     events: Option<mpsc::UnboundedSender<HttpEvent>>,
 ) -> std::io::Result<()> {
@@ -326,12 +349,26 @@ async fn connection(
         };
         buf.drain(..used);
         let snapshot = site.borrow().clone();
-        let mut resp = route(&snapshot, &req, &events);
+        let mut resp = route(&snapshot, &req, client, &events);
         tracing::debug!(path = %req.path, status = resp.status, "http");
         if req.head_only {
             resp.body = Body::None;
         }
-        reply(&mut stream, resp, req.keep_alive).await?;
+        let logged = match (&resp.blob, &resp.body, &events) {
+            (Some(label), Body::File { len, .. }, Some(tx)) => Some((label.clone(), *len, tx.clone())),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let sent = reply(&mut stream, resp, req.keep_alive).await;
+        if let Some((label, len, tx)) = logged {
+            let secs = started.elapsed().as_secs_f64();
+            let detail = match &sent {
+                Ok(()) => format!("{label} {len} bytes in {secs:.1}s"),
+                Err(e) => format!("{label} failed after {secs:.1}s: {e}"),
+            };
+            let _ = tx.send(HttpEvent { mac: None, client, kind: "blob", detail });
+        }
+        sent?;
         if !req.keep_alive {
             return Ok(());
         }
@@ -372,7 +409,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let (site, events) = (site.clone(), events.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, site, events).await {
+                    if let Err(e) = connection(stream, peer.ip(), site, events).await {
                         tracing::debug!("http {peer}: {e}");
                     }
                 });

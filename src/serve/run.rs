@@ -1,8 +1,8 @@
 //! `kiln serve`: starts DHCP, TFTP and HTTP over one site, reloads it on SIGHUP, stops on
 //! SIGTERM/SIGINT, and keeps the boot log.
 
-use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -83,10 +83,16 @@ pub fn run(opts: ServeOptions) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(opts, store, site, state))
+    rt.block_on(serve(opts, store, site, state, state_dir))
 }
 
-async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) -> Result<ExitCode> {
+async fn serve(
+    opts: ServeOptions,
+    store: Store,
+    site: Site,
+    state: Arc<State>,
+    state_dir: PathBuf,
+) -> Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let http_port = site.http_port;
     let tftp_port = site.server.tftp_port.unwrap_or(69);
@@ -98,6 +104,16 @@ async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) 
         .await
         .with_context(|| format!("listening for TFTP on port {tftp_port}"))?;
     announce(&site, http.local_addr()?.port(), tftp.local_addr()?.port());
+    let summary = state.summary()?;
+    println!(
+        "kiln serve: state {}: {} leases, {} discovered machines, {} boot events",
+        state_dir.display(),
+        summary.leases,
+        summary.discovered,
+        summary.events
+    );
+    let socket = state_dir.join(super::state::SOCKET);
+    let control = bind_control(&socket);
 
     let (site_tx, site_rx) = watch::channel(Arc::new(site));
     let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
@@ -111,12 +127,16 @@ async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) 
     tasks.spawn(super::tftp::serve(tftp, tftp_rx, Some(tftp_ev_tx), async move {
         let _ = tftp_stop.wait_for(|s| *s).await;
     }));
+    if let Some(listener) = control {
+        tasks.spawn(control_server(listener, state.clone(), stop_rx.clone()));
+    }
     let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), stop_rx.clone())?;
 
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut booted: BTreeSet<Mac> = BTreeSet::new();
+    let mut peers = Peers::default();
     let result = loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -132,23 +152,40 @@ async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) 
             _ = term.recv() => break Ok(ExitCode::SUCCESS),
             _ = int.recv() => break Ok(ExitCode::SUCCESS),
             Some(ev) = http_ev.recv() => {
-                let name = site_rx.borrow().node(ev.mac).map(|n| n.name.clone());
-                if let Err(e) = state.record_event(ev.mac.0, ev.kind, &ev.detail, now()) {
+                let Some(mac) = ev.mac.or_else(|| peers.mac_of(ev.client, &site_rx.borrow(), &state)) else {
+                    println!("{} {} (no machine known at this address) {} {}", stamp(), ev.client, ev.kind, ev.detail);
+                    continue;
+                };
+                if ev.mac.is_some() {
+                    peers.learn(ev.client, mac);
+                }
+                let name = site_rx.borrow().node(mac).map(|n| n.name.clone());
+                if let Err(e) = state.record_event(mac.0, ev.kind, &ev.detail, now()) {
                     tracing::warn!("recording a boot event: {e:#}");
                 }
                 if ev.kind == "script" {
                     if name.is_none() {
-                        let _ = state.record_discovered(ev.mac.0, None, Some("iPXE".into()), now());
+                        let _ = state.record_discovered(mac.0, None, Some("iPXE".into()), now());
                     }
-                    booted.insert(ev.mac);
+                    booted.insert(mac);
                 }
-                println!("{} {} {} {} (nodes booted: {})", stamp(), ev.mac, name.as_deref().unwrap_or("unknown"), ev.kind, booted.len());
+                println!("{} {} {} {} {} (nodes booted: {})", stamp(), mac, name.as_deref().unwrap_or("unknown"), ev.kind, ev.detail, booted.len());
             }
             Some(ev) = tftp_ev.recv() => {
-                match &ev {
-                    TftpEvent::Finished { client, file, bytes, secs } => println!("{} tftp {client} {file} {bytes} bytes in {secs:.1}s", stamp()),
-                    TftpEvent::Failed { client, file, error } => println!("{} tftp {client} {file} failed: {error}", stamp()),
-                    TftpEvent::Started { .. } => {}
+                let (client, detail) = match &ev {
+                    TftpEvent::Finished { client, file, bytes, secs } => (client, format!("{file} {bytes} bytes in {secs:.1}s")),
+                    TftpEvent::Failed { client, file, error } => (client, format!("{file} failed: {error}")),
+                    TftpEvent::Started { .. } => continue,
+                };
+                match peers.mac_of(client.ip(), &site_rx.borrow(), &state) {
+                    Some(mac) => {
+                        if let Err(e) = state.record_event(mac.0, "tftp", &detail, now()) {
+                            tracing::warn!("recording a boot event: {e:#}");
+                        }
+                        let name = site_rx.borrow().node(mac).map(|n| n.name.clone());
+                        println!("{} {} {} tftp {detail}", stamp(), mac, name.as_deref().unwrap_or("unknown"));
+                    }
+                    None => println!("{} tftp {client} {detail}", stamp()),
                 }
             }
             Some(ev) = async { match dhcp_ev.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
@@ -168,8 +205,116 @@ async fn serve(opts: ServeOptions, store: Store, site: Site, state: Arc<State>) 
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(6), async { while tasks.join_next().await.is_some() {} })
             .await;
+    if socket.exists() {
+        let _ = std::fs::remove_file(&socket);
+    }
     println!("kiln serve: stopped");
     result
+}
+
+/// Binds the control socket (replacing a stale one: this process holds the state's lock); on failure says what
+/// does not work without it and goes on.
+fn bind_control(socket: &std::path::Path) -> Option<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(socket);
+    let bound = tokio::net::UnixListener::bind(socket).and_then(|l| {
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    });
+    match bound {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!(
+                "kiln serve: warning: no control socket at {} ({e}): `kiln node ls --unknown` and `kiln node events` \
+                 cannot read the state while this server runs",
+                socket.display()
+            );
+            None
+        }
+    }
+}
+
+/// Answers [`super::state::Query`] lines on the control socket until `stop`.
+async fn control_server(
+    listener: tokio::net::UnixListener,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = Vec::new();
+            let mut reader = tokio::io::BufReader::new(read.take(64 * 1024));
+            let got =
+                tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_until(b'\n', &mut line)).await;
+            if !matches!(got, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let answer = tokio::task::spawn_blocking(move || super::state::Reply::to_line(&state, &line)).await;
+            if let Ok(answer) = answer {
+                let _ = write.write_all(&answer).await;
+            }
+        });
+    }
+}
+
+/// Which machine is at which address, for attributing requests that name no MAC (blob downloads, TFTP).
+#[derive(Default)]
+struct Peers {
+    /// Learned from requests that name a MAC (`/ipxe/{mac}`, `/overlay/{mac}`) from that address.
+    seen: HashMap<IpAddr, Mac>,
+}
+
+impl Peers {
+    /// Bound on remembered addresses (a /16 worth); beyond it the map starts afresh.
+    const MAX: usize = 65_536;
+
+    fn learn(&mut self, ip: IpAddr, mac: Mac) {
+        let ip = Self::canonical(ip);
+        if self.seen.len() >= Self::MAX && !self.seen.contains_key(&ip) {
+            self.seen.clear();
+        }
+        self.seen.insert(ip, mac);
+    }
+
+    fn canonical(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        }
+    }
+
+    /// The machine at `ip`: the last one that named itself from there, else the holder of its DHCP lease, else the
+    /// node with that fixed address.
+    fn mac_of(&self, ip: IpAddr, site: &Site, state: &State) -> Option<Mac> {
+        let ip = Self::canonical(ip);
+        if let Some(mac) = self.seen.get(&ip) {
+            return Some(*mac);
+        }
+        let IpAddr::V4(v4) = ip else { return None };
+        if let Some(lease) = state.lease_on(v4) {
+            return Some(Mac(lease.mac));
+        }
+        site.nodes.iter().find(|n| n.ipv4 == Some(v4)).map(|n| n.mac)
+    }
 }
 
 fn stamp() -> String {

@@ -21,6 +21,8 @@ use crate::store::{verify_output, Store};
 pub struct Blob {
     pub path: PathBuf,
     pub size: u64,
+    /// What it is, for the boot log: `IMAGE/kernel`, `IMAGE/initramfs`, `IMAGE/image`.
+    pub label: String,
 }
 
 /// A bundle as the server uses it.
@@ -99,7 +101,7 @@ impl Site {
                 };
                 let path = bundle.path.join(name);
                 let size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
-                blobs.insert(hex.clone(), Blob { path, size });
+                blobs.insert(hex.clone(), Blob { path, size, label: format!("{image}/{name}") });
             }
             bundles.insert(image.clone(), bundle);
         }

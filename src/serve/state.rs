@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// Boot events kept per MAC; older ones are dropped as new ones arrive.
@@ -355,6 +355,116 @@ impl LeaseCache {
                 self.by_ip.remove(&old.ip);
             }
         }
+    }
+}
+
+/// The control socket `kiln serve` listens on in its state directory: while it runs, the database is locked and
+/// other kiln commands ask the server instead.
+pub const SOCKET: &str = "kiln.sock";
+
+/// A question about the state, answered from the database or, while `kiln serve` holds it, by the server over
+/// [`SOCKET`] (one JSON line each way).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "query", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Query {
+    /// Counts of leases, discovered machines and boot events.
+    Summary,
+    /// Every lease.
+    Leases,
+    /// Every discovered machine.
+    Discovered,
+    /// The last `limit` boot events, of one MAC (`52:54:00:…`) or of all.
+    Events { mac: Option<String>, limit: usize },
+}
+
+/// What [`Query::Summary`] answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub leases: u64,
+    pub discovered: u64,
+    pub events: u64,
+}
+
+impl State {
+    /// Counts of what the database holds.
+    pub fn summary(&self) -> Result<Summary> {
+        let read = self.db.begin_read()?;
+        Ok(Summary {
+            leases: read.open_table(LEASES)?.len()?,
+            discovered: read.open_table(DISCOVERED)?.len()?,
+            events: read.open_table(EVENT_ORDER)?.len()?,
+        })
+    }
+
+    /// Answers `query` from this database.
+    pub fn answer(&self, query: &Query) -> Result<serde_json::Value> {
+        Ok(match query {
+            Query::Summary => serde_json::to_value(self.summary()?)?,
+            Query::Leases => serde_json::to_value(self.leases()?)?,
+            Query::Discovered => serde_json::to_value(self.discovered()?)?,
+            Query::Events { mac, limit } => {
+                let mac = mac.as_deref().map(parse_mac).transpose()?;
+                serde_json::to_value(self.events(mac, *limit)?)?
+            }
+        })
+    }
+}
+
+/// Answers `query` about the state in `dir`: from the running server if one holds it, else from the database
+/// (created if missing).
+pub fn ask(dir: &Path, query: &Query) -> Result<serde_json::Value> {
+    let socket = dir.join(SOCKET);
+    match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(stream) => return ask_server(stream, &socket, query),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    }
+    State::open(dir)?.answer(query)
+}
+
+fn ask_server(mut stream: std::os::unix::net::UnixStream, socket: &Path, query: &Query) -> Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let timeout = Some(std::time::Duration::from_secs(10));
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
+    let mut line = serde_json::to_vec(query)?;
+    line.push(b'\n');
+    stream.write_all(&line).with_context(|| format!("asking kiln serve over {}", socket.display()))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading kiln serve's answer over {}", socket.display()))?;
+    let reply: Reply = serde_json::from_str(&answer)
+        .with_context(|| format!("kiln serve answered {} with something that is not a reply", socket.display()))?;
+    match reply {
+        Reply { ok: true, data: Some(data), .. } => Ok(data),
+        Reply { error, .. } => bail!("kiln serve ({}): {}", socket.display(), error.unwrap_or_default()),
+    }
+}
+
+/// One answer on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// The reply to one request line.
+    pub fn to_line(state: &State, line: &[u8]) -> Vec<u8> {
+        let reply = match serde_json::from_slice::<Query>(line) {
+            Err(e) => Reply { ok: false, data: None, error: Some(format!("not a query: {e}")) },
+            Ok(q) => match state.answer(&q) {
+                Ok(data) => Reply { ok: true, data: Some(data), error: None },
+                Err(e) => Reply { ok: false, data: None, error: Some(format!("{e:#}")) },
+            },
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        out
     }
 }
 
