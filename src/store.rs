@@ -260,6 +260,28 @@ impl Store {
     }
 }
 
+/// When `file`'s directory has a `manifest.json` listing it (a store output, or the boot files an appliance
+/// carries), checks the file against it.
+pub fn verify_listed(file: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { return Ok(()) };
+    let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else { return Ok(()) };
+    let listed: ManifestFiles = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a valid manifest", dir.join("manifest.json").display()))?;
+    let Some(want) = listed.files.get(&*name.to_string_lossy()) else { return Ok(()) };
+    let (digest, size) = sha256_file(file)?;
+    if digest.hex() != want.sha256 || size != want.size {
+        bail!(
+            "{}: content changed: sha256 {} ({size} bytes), {} says {} ({} bytes)",
+            file.display(),
+            digest.hex(),
+            dir.join("manifest.json").display(),
+            want.sha256,
+            want.size
+        );
+    }
+    Ok(())
+}
+
 /// Checks one output directory against its manifest's `files`.
 pub fn verify_output(dir: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();

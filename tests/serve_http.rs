@@ -352,4 +352,22 @@ fn configuration_errors_are_named_before_serving() {
     fs::write(d.join("kiln.toml"), text.replace("[server]\n", "[server]\nmystery = 1\n")).unwrap();
     let err = kiln_err(d, &store, &["serve"]);
     assert!(err.contains("mystery") && err.contains("line"), "{err}");
+    // A boot file whose directory's manifest lists it (as the appliance carries them) is checked against it.
+    fs::write(d.join("kiln.toml"), &text).unwrap();
+    fs::write(d.join("overlay-tiny/etc/motd"), "hello\n").unwrap();
+    let listed = format!(
+        r#"{{"files": {{"undionly.kpxe": {{"sha256": "{}", "size": 1}}}}}}"#,
+        sha256_hex(&d.join("undionly.kpxe"))
+    );
+    fs::write(d.join("manifest.json"), listed).unwrap();
+    let err = kiln_err(d, &store, &["serve", "--dhcp", "off", "--http-port", "0", "--tftp-port", "0"]);
+    assert!(err.contains("undionly.kpxe: content changed") && err.contains("manifest.json says"), "{err}");
+    // A tampered bundle file is refused too.
+    fs::remove_file(d.join("manifest.json")).unwrap();
+    let bundle = fs::canonicalize(store.join("roots/image-tiny")).unwrap();
+    let mut bytes = fs::read(bundle.join("kernel")).unwrap();
+    bytes[100] ^= 1;
+    fs::write(bundle.join("kernel"), bytes).unwrap();
+    let err = kiln_err(d, &store, &["serve", "--dhcp", "off", "--http-port", "0", "--tftp-port", "0"]);
+    assert!(err.contains("kernel: content changed") && err.contains("kiln build"), "{err}");
 }

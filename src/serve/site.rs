@@ -242,6 +242,9 @@ fn boot_files(server: &ServerRecipe, store: &Store, file: &str) -> Result<BootFi
             std::fs::canonicalize(store.root().join("roots").join(format!("ipxe-{name}"))).with_context(|| {
                 format!("{file}: [server] ipxe = {name:?} has not been built: run `kiln build-ipxe` (see docs/ipxe.md)")
             })?;
+        if let Some(p) = verify_output(&dir).first() {
+            bail!("{}: {} (rebuild it with `kiln build-ipxe`)", p.path.display(), p.problem);
+        }
         let pick = |f: &str, served: &str| {
             let p = dir.join(f);
             p.is_file().then(|| (served.to_string(), p))
@@ -255,6 +258,7 @@ fn boot_files(server: &ServerRecipe, store: &Store, file: &str) -> Result<BootFi
             if !p.is_file() {
                 bail!("{file}: [server.boot_files] names {}, which does not exist", p.display());
             }
+            crate::store::verify_listed(p)?;
             Ok((served.to_string(), p.to_path_buf()))
         };
         if let Some(p) = &bf.bios {
