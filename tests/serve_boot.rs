@@ -220,6 +220,10 @@ fn boot(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool) {
     assert!(console.contains(&format!("KILN_IPV4='{SUBNET}.42'")), "overlay env missing:\n{console}");
     assert!(serve.contains("n042 script"), "kiln did not log the boot:\n{serve}");
     assert!(serve.contains("n042 overlay"));
+    // The kernel and initrds iPXE fetched are in n042's boot log too (they name no MAC: attributed by address).
+    for file in ["kernel", "initramfs", "image"] {
+        assert!(serve.contains(&format!("n042 blob node/{file} ")), "no {file} download logged for n042:\n{serve}");
+    }
 }
 
 #[test]
