@@ -213,6 +213,28 @@ async fn atftp_reads_5_mib_with_windowsize_16() {
     server.stop().await;
 }
 
+/// Windows leave with UDP segmentation offload where the kernel has it (loopback does); the same transfers, with
+/// losses, through the `sendmmsg` path kiln falls back to where it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_without_segmentation_offload() {
+    let mut server = Server::start(|c| c.segmentation_offload = false).await;
+    let want = server.add("kernel", 3 * MIB + 77);
+    let report = py_client(&server, "kernel", &["--blksize", "1468", "--windowsize", "16"]).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["sha256"], want.as_str());
+    assert_finished(server.outcome().await, 3 * MIB + 77);
+    let report = py_client(
+        &server,
+        "kernel",
+        &["--blksize", "1024", "--windowsize", "8", "--drop-data", "5", "--drop-data", "17", "--drop-ack", "24"],
+    )
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["sha256"], want.as_str());
+    assert_finished(server.outcome().await, 3 * MIB + 77);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_numbers_wrap_past_65535() {
     let mut server = Server::start(|_| {}).await;

@@ -13,22 +13,23 @@
 //! - duplicate read requests are not merged: each one starts a transfer from its own port, and the client ends
 //!   the one it does not want with ERROR 5, as RFC 1350 describes.
 //!
-//! The listening loop only parses requests; each read runs in its own task on its own ephemeral UDP socket, bound
-//! to the address the request was sent to. Files are served from [`TftpFiles`]: exact names first, then an
+//! The listening loop (async) only parses requests; each read runs on a thread of its own (tokio's blocking pool)
+//! with its own ephemeral UDP socket, bound to the address the request was sent to: a blocking `recv` answers an
+//! ACK with the next block without a trip through the async reactor, which lock-step clients feel on every block. Files are served from [`TftpFiles`]: exact names first, then an
 //! optional root directory that requests cannot leave (`..`, absolute paths and symlinks pointing outside are
 //! refused). Packet encoding, option negotiation and name checks are pure functions, tested on bytes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -76,6 +77,9 @@ pub struct TftpConfig {
     pub timeout: Duration,
     /// Retransmissions without progress before a transfer is abandoned. By default, 5.
     pub retries: u32,
+    /// Send each window with UDP segmentation offload where the kernel allows it (else `sendmmsg`). By default,
+    /// true; kiln turns it off by itself the first time the kernel refuses it.
+    pub segmentation_offload: bool,
 }
 
 impl Default for TftpConfig {
@@ -86,6 +90,7 @@ impl Default for TftpConfig {
             max_window: 64,
             timeout: Duration::from_secs(1),
             retries: 5,
+            segmentation_offload: true,
         }
     }
 }
@@ -501,7 +506,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = Listener::new(socket)?;
     info!("TFTP server listening on {}", listener.local);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut transfers = JoinSet::new();
     let mut buf = vec![0u8; 65536];
     tokio::pin!(shutdown);
@@ -529,14 +534,14 @@ pub async fn serve(
                         request,
                         config: config.borrow().clone(),
                         events: events.clone(),
-                        stop: stop_rx.clone(),
+                        stop: stop.clone(),
                     };
-                    transfers.spawn(transfer.run());
+                    transfers.spawn_blocking(move || transfer.run());
                 }
             }
         }
     }
-    let _ = stop_tx.send(true);
+    stop.store(true, Ordering::Relaxed);
     let running = transfers.len();
     if running > 0 {
         info!("TFTP server stopping; ending {running} transfer(s)");
@@ -689,7 +694,8 @@ enum Ending {
     Probe(String),
 }
 
-/// One read request, from refusal or OACK to the last ACK, on its own socket.
+/// One read request, from refusal or OACK to the last ACK, on its own socket and its own thread: a blocking
+/// `recv` wakes as soon as the client's ACK arrives, which is what lock-step transfers (every PXE ROM) wait on.
 struct Transfer {
     client: SocketAddr,
     /// Where the request was sent, port 0: the transfer socket binds there.
@@ -697,14 +703,23 @@ struct Transfer {
     request: OwnedRequest,
     config: Arc<TftpConfig>,
     events: Option<mpsc::UnboundedSender<TftpEvent>>,
-    stop: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
 }
 
+/// How often a waiting transfer looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+/// Whether UDP segmentation offload works here; cleared the first time the kernel refuses it.
+static GSO: AtomicBool = AtomicBool::new(true);
+/// Linux's limit on segments per GSO send (UDP_MAX_SEGMENTS).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send: the payload of one (unsegmented) UDP datagram must fit an IP packet.
+const GSO_MAX_BYTES: usize = 65_000;
+
 impl Transfer {
-    async fn run(mut self) {
+    fn run(mut self) {
         let client = self.client;
         let file = self.request.filename.clone();
-        let socket = match self.bind().await {
+        let socket = match self.bind() {
             Ok(socket) => socket,
             Err(e) => {
                 let error = format!("{e:#}");
@@ -714,7 +729,7 @@ impl Transfer {
             }
         };
         let start = Instant::now();
-        match self.send_file(&socket).await {
+        match self.send_file(&socket) {
             Ok(bytes) => {
                 let secs = start.elapsed().as_secs_f64();
                 let rate = bytes as f64 / secs.max(1e-6) / 1e6;
@@ -735,48 +750,118 @@ impl Transfer {
         }
     }
 
-    async fn bind(&self) -> anyhow::Result<UdpSocket> {
+    fn bind(&self) -> anyhow::Result<std::net::UdpSocket> {
         let local = match (self.local, self.client) {
             (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => self.local,
             (_, SocketAddr::V4(_)) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
             (_, SocketAddr::V6(_)) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
         };
-        UdpSocket::bind(local).await.with_context(|| format!("binding a TFTP transfer socket on {local}"))
+        let socket =
+            std::net::UdpSocket::bind(local).with_context(|| format!("binding a TFTP transfer socket on {local}"))?;
+        socket.set_read_timeout(Some(STOP_POLL)).context("setting the TFTP transfer socket's timeout")?;
+        Ok(socket)
     }
 
-    async fn send_error(&self, socket: &UdpSocket, code: ErrorCode, message: &str) {
+    fn send_error(&self, socket: &std::net::UdpSocket, code: ErrorCode, message: &str) {
         let packet = Packet::Error { code, message }.encode();
-        if let Err(e) = socket.send_to(&packet, self.client).await {
+        if let Err(e) = socket.send_to(&packet, self.client) {
             debug!(client = %self.client, "sending a TFTP error: {e}");
         }
     }
 
-    async fn send(&self, socket: &UdpSocket, packet: &[u8]) -> Result<(), Ending> {
-        socket.send_to(packet, self.client).await.map(drop).map_err(|e| Ending::Failed(format!("sending: {e}")))
+    fn send(&self, socket: &std::net::UdpSocket, packet: &[u8]) -> Result<(), Ending> {
+        loop {
+            match socket.send_to(packet, self.client) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Ending::Failed(format!("sending: {e}"))),
+            }
+        }
+    }
+
+    /// Sends `packets` (DATA packets in block order) with as few system calls as the kernel allows, so a window
+    /// leaves in one go and the client wakes once per window rather than once per block: UDP segmentation
+    /// offload (one `sendmsg(2)` of up to 64 KiB that the kernel cuts into DATA packets; only the file's last block
+    /// may be shorter, which is what GSO requires) where the route supports it, else `sendmmsg(2)`.
+    fn send_batch<'p>(
+        &self,
+        socket: &std::net::UdpSocket,
+        packets: impl Iterator<Item = &'p Vec<u8>>,
+    ) -> Result<(), Ending> {
+        use nix::sys::socket::{sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
+        let all: Vec<[IoSlice<'_>; 1]> = packets.map(|p| [IoSlice::new(p)]).collect();
+        let to = SockaddrStorage::from(self.client);
+        let mut rest = &all[..];
+        let segment = all.first().map_or(0, |p| p[0].len());
+        let uniform = all.iter().rev().skip(1).all(|p| p[0].len() == segment);
+        while rest.len() > 1
+            && uniform
+            && segment > 0
+            && self.config.segmentation_offload
+            && GSO.load(Ordering::Relaxed)
+        {
+            let group = rest.len().min(GSO_MAX_SEGMENTS).min(GSO_MAX_BYTES / segment);
+            if group < 2 {
+                break;
+            }
+            let iov: Vec<IoSlice<'_>> = rest[..group].iter().map(|p| p[0]).collect();
+            let size = segment as u16;
+            match sendmsg(
+                socket.as_raw_fd(),
+                &iov,
+                &[ControlMessage::UdpGsoSegments(&size)],
+                MsgFlags::empty(),
+                Some(&to),
+            ) {
+                Ok(_) => rest = &rest[group..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // No segmentation offload on this route (EIO: the device has no checksum offload; EINVAL or
+                    // ENOPROTOOPT: an old kernel): sendmmsg from now on.
+                    debug!(client = %self.client, "UDP GSO unavailable ({e}); sending windows with sendmmsg");
+                    GSO.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        while !rest.is_empty() {
+            let addrs = vec![Some(to); rest.len()];
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(rest.len(), None);
+            let none: [ControlMessage<'_>; 0] = [];
+            match sendmmsg(socket.as_raw_fd(), &mut headers, rest, &addrs, none, MsgFlags::empty()) {
+                // A blocking sendmmsg sends at least one message or fails.
+                Ok(sent) => rest = &rest[sent.count().clamp(1, rest.len())..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(Ending::Failed(format!("sending: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// Waits until `deadline` for an ACK or ERROR from the client, answering strangers with ERROR 5 and skipping
     /// anything else the client sends.
-    async fn next(&mut self, socket: &UdpSocket, buf: &mut [u8], deadline: tokio::time::Instant) -> Incoming {
+    fn next(&mut self, socket: &std::net::UdpSocket, buf: &mut [u8], deadline: Instant) -> Incoming {
         loop {
-            let received = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return Incoming::Timeout,
-                _ = self.stop.wait_for(|stop| *stop) => return Incoming::Stopped,
-                received = socket.recv_from(buf) => received,
-            };
-            let (len, from) = match received {
+            if self.stop.load(Ordering::Relaxed) {
+                return Incoming::Stopped;
+            }
+            if Instant::now() >= deadline {
+                return Incoming::Timeout;
+            }
+            let (len, from) = match socket.recv_from(buf) {
                 Ok(received) => received,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Left to the retransmission timer, without spinning on a socket that keeps failing.
                     debug!(client = %self.client, "receiving on a TFTP transfer socket: {e}");
-                    tokio::time::sleep_until(deadline).await;
-                    return Incoming::Timeout;
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()).min(STOP_POLL));
+                    continue;
                 }
             };
             if canonical(from) != self.client {
                 debug!(client = %self.client, "TFTP packet from unknown transfer ID {from}");
                 let packet = Packet::Error { code: ErrorCode::UnknownTransferId, message: "unknown transfer ID" };
-                let _ = socket.send_to(&packet.encode(), from).await;
+                let _ = socket.send_to(&packet.encode(), from);
                 continue;
             }
             match Packet::parse(&buf[..len]) {
@@ -788,23 +873,18 @@ impl Transfer {
     }
 
     /// Sends the requested file; returns the bytes the client acknowledged.
-    async fn send_file(&mut self, socket: &UdpSocket) -> Result<u64, Ending> {
+    fn send_file(&mut self, socket: &std::net::UdpSocket) -> Result<u64, Ending> {
         let client = self.client;
         let name = self.request.filename.clone();
         if self.request.mode == Mode::Mail {
-            self.send_error(socket, ErrorCode::IllegalOperation, "mail mode is not supported").await;
+            self.send_error(socket, ErrorCode::IllegalOperation, "mail mode is not supported");
             return Err(Ending::Failed("mail mode requested".to_string()));
         }
-        let files = self.config.clone();
-        let lookup = name.clone();
-        let opened = tokio::task::spawn_blocking(move || files.files.open(&lookup))
-            .await
-            .map_err(|e| Ending::Failed(format!("opening: {e}")))?;
-        let opened = match opened {
+        let opened = match self.config.files.open(&name) {
             Ok(opened) => opened,
             Err(refusal) => {
                 warn!(%client, file = name, "TFTP request refused: {refusal}");
-                self.send_error(socket, refusal.code(), &refusal.to_string()).await;
+                self.send_error(socket, refusal.code(), &refusal.to_string());
                 return Err(Ending::Failed(refusal.to_string()));
             }
         };
@@ -814,11 +894,11 @@ impl Transfer {
         // Only ACKs and ERRORs matter here; anything longer is cut short harmlessly.
         let mut buf = vec![0u8; 2048];
         if !negotiated.oack.is_empty() {
-            self.send_oack(socket, &mut buf, &negotiated).await?;
+            self.send_oack(socket, &mut buf, &negotiated)?;
         }
         self.emit(TftpEvent::Started { client, file: name, size: opened.size });
-        let reader = BufReader::with_capacity(READ_BUFFER, tokio::fs::File::from_std(opened.file));
-        self.send_blocks(socket, &mut buf, reader, &negotiated).await
+        let reader = std::io::BufReader::with_capacity(READ_BUFFER, opened.file);
+        self.send_blocks(socket, &mut buf, reader, &negotiated)
     }
 
     fn backoff(&self, timeout: Duration, base: Duration) -> Duration {
@@ -827,7 +907,12 @@ impl Transfer {
     }
 
     /// Sends the OACK until the client acknowledges it with ACK 0.
-    async fn send_oack(&mut self, socket: &UdpSocket, buf: &mut [u8], negotiated: &Negotiated) -> Result<(), Ending> {
+    fn send_oack(
+        &mut self,
+        socket: &std::net::UdpSocket,
+        buf: &mut [u8],
+        negotiated: &Negotiated,
+    ) -> Result<(), Ending> {
         let options = negotiated.oack.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         let oack = Packet::Oack { options }.encode();
         let mut timeout = negotiated.timeout;
@@ -835,17 +920,17 @@ impl Transfer {
             if attempt > 0 {
                 debug!(client = %self.client, "resending the OACK (attempt {attempt})");
             }
-            self.send(socket, &oack).await?;
-            let deadline = tokio::time::Instant::now() + timeout;
+            self.send(socket, &oack)?;
+            let deadline = Instant::now() + timeout;
             loop {
-                match self.next(socket, buf, deadline).await {
+                match self.next(socket, buf, deadline) {
                     Incoming::Ack(0) => return Ok(()),
                     Incoming::Ack(_) => continue,
                     Incoming::ClientError(code, message) => {
                         return Err(Ending::Probe(format!("ERROR {} {message:?}", u16::from(code))))
                     }
                     Incoming::Stopped => {
-                        self.send_error(socket, ErrorCode::NotDefined, "server is shutting down").await;
+                        self.send_error(socket, ErrorCode::NotDefined, "server is shutting down");
                         return Err(Ending::Failed("server shut down".to_string()));
                     }
                     Incoming::Timeout => break,
@@ -857,11 +942,11 @@ impl Transfer {
     }
 
     /// The data phase: windows of DATA blocks, slid by ACKs, resent on timeouts.
-    async fn send_blocks(
+    fn send_blocks(
         &mut self,
-        socket: &UdpSocket,
+        socket: &std::net::UdpSocket,
         buf: &mut [u8],
-        mut reader: BufReader<tokio::fs::File>,
+        mut reader: std::io::BufReader<std::fs::File>,
         negotiated: &Negotiated,
     ) -> Result<u64, Ending> {
         let blksize = usize::from(negotiated.blksize);
@@ -875,27 +960,30 @@ impl Transfer {
         let mut acked_bytes: u64 = 0;
         let mut timeout = negotiated.timeout;
         let mut failures = 0;
-        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         loop {
+            let unsent = in_flight.len();
             while in_flight.len() < window && !read_all {
                 let mut packet = spare.pop().unwrap_or_else(|| Vec::with_capacity(4 + blksize));
                 packet.clear();
                 packet.extend_from_slice(&data_header(next as u16));
                 packet.resize(4 + blksize, 0);
-                let len = match read_block(&mut reader, &mut packet[4..]).await {
+                let len = match read_block(&mut reader, &mut packet[4..]) {
                     Ok(len) => len,
                     Err(e) => {
-                        self.send_error(socket, ErrorCode::NotDefined, "reading the file failed").await;
+                        self.send_error(socket, ErrorCode::NotDefined, "reading the file failed");
                         return Err(Ending::Failed(format!("reading block {next}: {e}")));
                     }
                 };
                 packet.truncate(4 + len);
                 read_all = len < blksize;
-                self.send(socket, &packet).await?;
                 in_flight.push_back(packet);
                 next += 1;
             }
-            match self.next(socket, buf, deadline).await {
+            if in_flight.len() > unsent {
+                self.send_batch(socket, in_flight.iter().skip(unsent))?;
+            }
+            match self.next(socket, buf, deadline) {
                 Incoming::Ack(block) => {
                     // How far past the last acknowledged block this ACK reaches; 0 or beyond what was sent means
                     // a duplicate or stale ACK, which must not trigger a resend (Sorcerer's Apprentice).
@@ -912,12 +1000,12 @@ impl Transfer {
                         return Ok(acked_bytes);
                     }
                     // An ACK inside the window means the client missed the block after it: go on from there.
-                    for packet in &in_flight {
-                        self.send(socket, packet).await?;
+                    if !in_flight.is_empty() {
+                        self.send_batch(socket, in_flight.iter())?;
                     }
                     failures = 0;
                     timeout = negotiated.timeout;
-                    deadline = tokio::time::Instant::now() + timeout;
+                    deadline = Instant::now() + timeout;
                 }
                 Incoming::Timeout => {
                     failures += 1;
@@ -929,10 +1017,8 @@ impl Transfer {
                     }
                     timeout = self.backoff(timeout, negotiated.timeout);
                     debug!(client = %self.client, "timeout: resending blocks {base}..{next} (retry {failures})");
-                    for packet in &in_flight {
-                        self.send(socket, packet).await?;
-                    }
-                    deadline = tokio::time::Instant::now() + timeout;
+                    self.send_batch(socket, in_flight.iter())?;
+                    deadline = Instant::now() + timeout;
                 }
                 Incoming::ClientError(code, message) => {
                     return Err(Ending::Failed(format!(
@@ -941,7 +1027,7 @@ impl Transfer {
                     )));
                 }
                 Incoming::Stopped => {
-                    self.send_error(socket, ErrorCode::NotDefined, "server is shutting down").await;
+                    self.send_error(socket, ErrorCode::NotDefined, "server is shutting down");
                     return Err(Ending::Failed("server shut down".to_string()));
                 }
             }
@@ -950,10 +1036,14 @@ impl Transfer {
 }
 
 /// Fills `buf` from `reader` unless the file ends first; returns the bytes read.
-async fn read_block(reader: &mut BufReader<tokio::fs::File>, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_block(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
-        let read = reader.read(&mut buf[filled..]).await?;
+        let read = match reader.read(&mut buf[filled..]) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if read == 0 {
             break;
         }
