@@ -48,6 +48,7 @@ PACKAGES=(
 	dosfstools
 	systemd-boot-efi
 	binutils
+	diffoscope-minimal
 )
 
 is_installed() {

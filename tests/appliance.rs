@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -79,6 +79,17 @@ fn appliance_iso_is_reproducible() {
     fs::write(other.path().join("kiln.toml"), recipe()).unwrap();
     let out = kiln_ok(other.path(), &store, &["appliance", "--quiet", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // diffoscope (scripts/setup.sh installs diffoscope-minimal) first: if they differ, it says where.
+    let other_iso = Path::new(v["path"].as_str().unwrap());
+    let start = Instant::now();
+    let diff = Command::new("diffoscope")
+        .arg(&b.iso)
+        .arg(other_iso)
+        .output()
+        .expect("running diffoscope (install diffoscope-minimal: scripts/setup.sh)");
+    eprintln!("diffoscope took {:.1}s", start.elapsed().as_secs_f64());
+    let report = format!("{}{}", String::from_utf8_lossy(&diff.stdout), String::from_utf8_lossy(&diff.stderr));
+    assert!(diff.status.success() && report.trim().is_empty(), "diffoscope: {}\n{report}", diff.status);
     assert_eq!(v["sha256"].as_str().unwrap(), b.sha256, "two builds of the same inputs differ");
     // The ISO is hybrid: an MBR boot signature and a GPT header at LBA 1.
     let head = fs::read(&b.iso).unwrap();
@@ -105,14 +116,29 @@ enum Firmware {
 
 enum Media {
     Cdrom,
+    /// The ISO as a virtio disk (what `dd` to a disk gives).
     Disk,
+    /// The ISO as a USB stick on an xHCI controller.
+    Usb,
 }
 
-/// Boots the ISO and waits for kiln serve's line on the serial console; returns the console.
-fn boot(iso: &Path, firmware: Firmware, media: Media, timeout: Duration) -> String {
-    // One VM at a time: each needs 3 GiB and a core.
-    static ONE: Mutex<()> = Mutex::new(());
-    let _guard = ONE.lock().unwrap_or_else(|e| e.into_inner());
+/// The console line of an appliance without a KILN-DATA partition.
+const RAM_STATE: &str = concat!(
+    "kiln appliance: state in RAM (no partition labelled KILN-DATA): ",
+    "discovered nodes, boot events and logs are lost at shutdown"
+);
+
+/// Boots the ISO (with `disks` as further virtio disks) until `done` holds for the serial
+/// console; returns the console.
+fn boot_until(
+    iso: &Path,
+    firmware: Firmware,
+    media: Media,
+    disks: &[&Path],
+    done: &dyn Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
+    let _guard = one_boot_at_a_time();
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("console.log");
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -136,33 +162,55 @@ fn boot(iso: &Path, firmware: Firmware, media: Media, timeout: Duration) -> Stri
     }
     match media {
         Media::Cdrom => {
-            cmd.arg("-drive").arg(format!("file={},format=raw,media=cdrom,readonly=on", iso.display()));
+            cmd.args(cdrom(iso));
         }
         Media::Disk => {
             cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,readonly=on", iso.display()));
         }
+        Media::Usb => {
+            cmd.args(["-device", "qemu-xhci,id=xhci"])
+                .arg("-drive")
+                .arg(format!("if=none,id=stick,file={},format=raw,readonly=on", iso.display()))
+                .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0"]);
+        }
     }
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting qemu-system-x86_64");
+    for disk in disks {
+        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio", disk.display()));
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting qemu-system-x86_64");
+    let mut vm = Vm(child);
     let start = Instant::now();
     let text = loop {
         let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(SERVING) {
+        if done(&text) {
             break text;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("QEMU exited ({status}) before kiln serve started; console:\n{text}");
+        if let Ok(Some(status)) = vm.0.try_wait() {
+            panic!("QEMU exited ({status}) before the console showed what the test waits for; console:\n{text}");
         }
         if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kiln serve did not start within {timeout:?}; console:\n{text}");
+            panic!("the console did not show what the test waits for within {timeout:?}; console:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    eprintln!("booted to serving in {:.1}s", start.elapsed().as_secs_f64());
-    let _ = child.kill();
-    let _ = child.wait();
+    eprintln!("booted in {:.1}s", start.elapsed().as_secs_f64());
     text
+}
+
+/// QEMU arguments for the ISO as a CD that the firmware boots first (SeaBIOS would try a
+/// data disk before a CD).
+fn cdrom(iso: &Path) -> [String; 4] {
+    [
+        "-drive".into(),
+        format!("if=none,id=cd,file={},format=raw,media=cdrom,readonly=on", iso.display()),
+        "-device".into(),
+        "ide-cd,drive=cd,bootindex=0".into(),
+    ]
+}
+
+/// Boots the ISO until kiln serve says it is serving; returns the console.
+fn boot(iso: &Path, firmware: Firmware, media: Media, disks: &[&Path]) -> String {
+    boot_until(iso, firmware, media, disks, &|text| text.contains(SERVING), Duration::from_secs(600))
 }
 
 fn check_console(text: &str) {
@@ -172,22 +220,114 @@ fn check_console(text: &str) {
     assert!(text.contains("kiln serve: 1 nodes, images: tiny"), "{text}");
 }
 
+/// A 64 MiB raw disk as an admin would prepare a stick: an MBR with one Linux partition from
+/// 1 MiB, made with `mkfs.ext4 -L KILN-DATA` (written at that offset, so nothing is mounted).
+fn data_disk(path: &Path) {
+    const START: u64 = 1 << 20;
+    const SIZE: u64 = 64 << 20;
+    sh(&format!("truncate -s {SIZE} '{}'", path.display()));
+    sh(&format!("mke2fs -q -F -t ext4 -L KILN-DATA -E offset={START} '{}' {}k", path.display(), (SIZE - START) / 1024));
+    let mut mbr = vec![0u8; 512];
+    mbr[440..444].copy_from_slice(&0x4b494c4e_u32.to_le_bytes());
+    let entry = &mut mbr[446..462];
+    entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[4] = 0x83;
+    entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[8..12].copy_from_slice(&((START / 512) as u32).to_le_bytes());
+    entry[12..16].copy_from_slice(&(((SIZE - START) / 512) as u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::io::Write::write_all(&mut f, &mbr).unwrap();
+}
+
+/// Reads `file` from the KILN-DATA partition of a [`data_disk`] with debugfs.
+fn read_data_file(disk: &Path, file: &str, out: &Path) {
+    sh(&format!("debugfs -R 'dump {file} {}' '{}?offset={}' 2>/dev/null", out.display(), disk.display(), 1 << 20));
+    assert!(out.is_file(), "{file} is not on the KILN-DATA partition");
+}
+
 #[test]
 fn appliance_boots_bios_cdrom() {
-    let text = boot(&built().iso, Firmware::Bios, Media::Cdrom, Duration::from_secs(600));
+    let text = boot(&built().iso, Firmware::Bios, Media::Cdrom, &[]);
     check_console(&text);
+    assert!(text.contains(RAM_STATE), "{text}");
 }
 
 #[test]
 fn appliance_boots_uefi_cdrom() {
-    let text = boot(&built().iso, Firmware::Uefi, Media::Cdrom, Duration::from_secs(600));
+    let text = boot(&built().iso, Firmware::Uefi, Media::Cdrom, &[]);
     check_console(&text);
+    assert!(text.contains(RAM_STATE), "{text}");
 }
 
+/// The ISO written to a disk, booted by SeaBIOS; a second disk carries a KILN-DATA partition
+/// whose ext4 superblock is damaged: the appliance says so and serves with its state in RAM.
 #[test]
 fn appliance_boots_bios_usb_disk() {
-    let text = boot(&built().iso, Firmware::Bios, Media::Disk, Duration::from_secs(600));
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("bad.img");
+    data_disk(&bad);
+    // An incompatible-feature bit no kernel knows (the superblock checksum no longer matches either).
+    let mut bytes = fs::read(&bad).unwrap();
+    bytes[(1 << 20) + 1024 + 0x63] |= 0x80;
+    fs::write(&bad, bytes).unwrap();
+    let text = boot(&built().iso, Firmware::Bios, Media::Disk, &[&bad]);
     check_console(&text);
+    assert!(text.contains("kiln appliance: error: cannot mount /dev/vdb1 (labelled KILN-DATA): "), "{text}");
+    assert!(text.contains("mkfs.ext4 -L KILN-DATA /dev/vdb1"), "{text}");
+    assert!(
+        text.contains(
+            "kiln appliance: state in RAM (KILN-DATA on /dev/vdb1 is unusable): discovered nodes, boot events and \
+             logs are lost at shutdown"
+        ),
+        "{text}"
+    );
+}
+
+/// The ISO as a USB stick on an xHCI controller, booted by OVMF (its NIC has no boot ROM, so
+/// reaching kiln serve means OVMF booted the stick).
+#[test]
+fn appliance_boots_uefi_usb_stick() {
+    let text = boot(&built().iso, Firmware::Uefi, Media::Usb, &[]);
+    check_console(&text);
+    assert!(text.contains(RAM_STATE), "{text}");
+}
+
+/// `[server] interface` names an interface the machine does not have: the appliance says which
+/// ones it has and keeps retrying (no exit, so no reboot loop).
+#[test]
+fn appliance_names_a_missing_interface_and_keeps_trying() {
+    let b = built();
+    let dir = tempfile::tempdir().unwrap();
+    let text = recipe().replace("dhcp = \"full\"\n", "dhcp = \"full\"\ninterface = \"nosuch0\"\n");
+    fs::write(dir.path().join("kiln.toml"), text).unwrap();
+    let start = Instant::now();
+    let out = kiln_ok(dir.path(), &b.store, &["appliance", "--quiet"]);
+    eprintln!("second appliance built in {:.1}s", start.elapsed().as_secs_f64());
+    let iso = PathBuf::from(out.trim());
+    let error = "kiln appliance: error: interface nosuch0 (from [server] interface) does not exist; this machine \
+                 has: ";
+    let text = boot_until(
+        &iso,
+        Firmware::Bios,
+        Media::Cdrom,
+        &[],
+        &|text| text.matches(error).count() >= 2,
+        Duration::from_secs(600),
+    );
+    // The last attempt: by then the NIC has had time to report carrier.
+    let line = text.lines().rfind(|l| l.contains(error)).unwrap();
+    assert!(line.contains(" (link up)") && line.trim_end().ends_with("; retrying in 10 s"), "{text}");
+    assert_eq!(text.matches("appliance starting").count(), 1, "the appliance restarted:\n{text}");
+    assert!(!text.contains("Kernel panic"), "{text}");
+    assert!(!text.contains("kiln serve: "), "{text}");
+}
+
+/// One boot at a time: an appliance VM needs 3 GiB and a core.
+fn one_boot_at_a_time() -> MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Kills a QEMU process when dropped, so a failed assertion leaves nothing running.
@@ -202,13 +342,15 @@ impl Drop for Vm {
 
 /// The real job: VM A boots the appliance ISO; VM B, diskless and joined to A only by a private
 /// QEMU link on loopback, PXE-boots from A (its NIC ROM's iPXE → A's DHCP → A's HTTP) into the
-/// node image carried on the ISO and prints that image's marker.
+/// node image carried on the ISO and prints that image's marker. A has a disk with a KILN-DATA
+/// partition: after A is switched off, n1's boot events and kiln serve's log are on it.
 #[test]
 fn a_diskless_node_pxe_boots_from_the_appliance() {
-    static ONE: Mutex<()> = Mutex::new(());
-    let _guard = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = one_boot_at_a_time();
     let iso = &built().iso;
     let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("data.img");
+    data_disk(&disk);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log_a = work.path().join("appliance.log");
     let a = Command::new("qemu-system-x86_64")
@@ -219,14 +361,20 @@ fn a_diskless_node_pxe_boots_from_the_appliance() {
         .arg("-netdev")
         .arg(format!("socket,id=n0,listen=127.0.0.1:{port}"))
         .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
+        .args(cdrom(iso))
         .arg("-drive")
-        .arg(format!("file={},format=raw,media=cdrom,readonly=on", iso.display()))
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("starting the appliance VM");
     let mut a = Vm(a);
-    wait_console(&log_a, SERVING, &mut a.0, Duration::from_secs(600));
+    let console_a = wait_console(&log_a, SERVING, &mut a.0, Duration::from_secs(600));
+    assert!(
+        console_a.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4): kept across reboots"),
+        "{console_a}"
+    );
+    assert!(!console_a.contains("state in RAM"), "{console_a}");
 
     let log_b = work.path().join("node.log");
     let b = Command::new("qemu-system-x86_64")
@@ -245,4 +393,28 @@ fn a_diskless_node_pxe_boots_from_the_appliance() {
     wait_console(&log_b, "KILN-TINY-BOOTED", &mut b.0, Duration::from_secs(600));
     let console_a = fs::read_to_string(&log_a).unwrap_or_default();
     assert!(console_a.contains("n1 script"), "the appliance did not log the node's boot:\n{console_a}");
+    drop(b);
+
+    // Switched off the way appliances are: no shutdown. The database syncs each commit; the
+    // log is written back within seconds (the init shortens the kernel's 30 s).
+    std::thread::sleep(Duration::from_secs(10));
+    drop(a);
+    let state = work.path().join("state");
+    fs::create_dir(&state).unwrap();
+    read_data_file(&disk, "/state/state.redb", &state.join("state.redb"));
+    let out = kiln_ok(
+        work.path(),
+        &work.path().join("store"),
+        &["node", "events", "--state-dir", &state.display().to_string(), "--json"],
+    );
+    let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let n1: Vec<&str> =
+        events.iter().filter(|e| e["mac"] == "52:54:00:09:00:01").filter_map(|e| e["kind"].as_str()).collect();
+    assert!(n1.contains(&"script"), "n1's boot events are not on KILN-DATA: {out}");
+    let log = work.path().join("kiln-serve.log");
+    read_data_file(&disk, "/log/kiln-serve.log", &log);
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(log.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4)"), "{log}");
+    assert!(log.contains(SERVING), "{log}");
+    assert!(log.contains("n1 script"), "{log}");
 }

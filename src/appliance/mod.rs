@@ -63,6 +63,39 @@ const NET_MODULES: &[&str] = &[
     "ena",
 ];
 
+/// Storage and filesystem drivers the appliance tries to load, so it finds a partition labelled
+/// KILN-DATA on a virtual, SATA, NVMe or USB disk (missing ones are skipped). ext4 needs a
+/// crc32c implementation, which the kernel would otherwise ask modprobe for by alias.
+const STORAGE_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "ahci",
+    "ata_piix",
+    "nvme",
+    "xhci_pci",
+    "ehci_pci",
+    "ohci_pci",
+    "uhci_hcd",
+    "usb_storage",
+    "uas",
+    "mmc_block",
+    "sdhci_pci",
+    "crc32c_intel",
+    "crc32c_generic",
+    "ext4",
+    "vfat",
+    "nls_cp437",
+    "nls_iso8859_1",
+    "nls_utf8",
+    "xfs",
+    "btrfs",
+];
+
+/// How long, in seconds after the storage drivers load, the appliance looks for KILN-DATA.
+const DATA_WAIT_SECS: u32 = 5;
+
 /// The `[appliance]` table of the recipe.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -220,15 +253,18 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     }
     let busybox = which("busybox").context("busybox not found: install busybox-static (scripts/setup.sh)")?;
     tree.file("kiln/busybox", &busybox, 0o755)?;
-    let env = format!(
-        "KILN_VERSION='{}'\nKILN_ADDRESS='{}/{}'\nKILN_DHCP='{}'\nKILN_INTERFACE='{}'\nKILN_NET_MODULES='{}'\n",
-        env!("CARGO_PKG_VERSION"),
-        cidr.addr,
-        cidr.prefix.unwrap_or(24),
-        server.dhcp.unwrap_or(crate::serve::config::DhcpMode::Full),
-        server.interface.clone().unwrap_or_default(),
-        NET_MODULES.join(" ")
-    );
+    let env = [
+        ("KILN_VERSION", env!("CARGO_PKG_VERSION").to_string()),
+        ("KILN_ADDRESS", format!("{}/{}", cidr.addr, cidr.prefix.unwrap_or(24))),
+        ("KILN_DHCP", server.dhcp.unwrap_or(crate::serve::config::DhcpMode::Full).to_string()),
+        ("KILN_INTERFACE", server.interface.clone().unwrap_or_default()),
+        ("KILN_NET_MODULES", NET_MODULES.join(" ")),
+        ("KILN_STORAGE_MODULES", STORAGE_MODULES.join(" ")),
+        ("KILN_DATA_WAIT", DATA_WAIT_SECS.to_string()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
+    .collect::<String>();
     tree.bytes("kiln/appliance.env", env.into_bytes(), 0o644);
     tree.bytes("kiln/appliance-init", APPLIANCE_INIT.as_bytes().to_vec(), 0o755);
 
@@ -292,6 +328,11 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     let (digest, size) = sha256_file(&path)?;
     progress.done(path.display());
     Ok(BuiltIso { path, size, sha256: digest.hex() })
+}
+
+/// `text` as one word for sh: single-quoted, with each `'` written as `'\''`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// The shared libraries `exe` loads, by `ldd` (the vDSO left out).
@@ -416,5 +457,22 @@ impl ArchiveTree {
         let (f, digest, _) = hashing.finish();
         f.sync_all()?;
         Ok(digest.hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_sh() {
+        for text in ["eno1", "", "it's", "a b $x `y` \\ \"z\"", "''"] {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("v={}; printf %s \"$v\"", shell_quote(text)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+        }
     }
 }
