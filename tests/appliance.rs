@@ -109,6 +109,57 @@ fn appliance_refuses_a_recipe_without_appliance_table() {
     assert!(err.contains("imagez"), "{err}");
 }
 
+/// An appliance image without a kernel (a `dir:` tree holding only /etc/hostname): the error
+/// names the image and what to do, and the store is left as it was.
+#[test]
+fn appliance_image_without_kernel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    fs::create_dir_all(dir.path().join("root/etc")).unwrap();
+    fs::write(dir.path().join("root/etc/hostname"), "x\n").unwrap();
+    let text = r#"
+[image.appliance]
+from = "dir:root"
+
+[server]
+address = "10.213.9.1/24"
+
+[appliance]
+image = "appliance"
+"#;
+    fs::write(dir.path().join("kiln.toml"), text).unwrap();
+    let before = store_snapshot(&store);
+    let err = kiln_err(dir.path(), &store, &["appliance", "--quiet"]);
+    assert!(err.contains("[image.appliance]") && err.contains("dir:root"), "{err}");
+    assert!(err.contains("has no kernel") && err.contains("install a kernel package"), "{err}");
+    assert_eq!(store_snapshot(&store), before, "a failed appliance build changed the store");
+}
+
+/// An image name with no [image.NAME] table is reported where the recipe uses it.
+#[test]
+fn appliance_names_where_a_missing_image_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let base = "[image.appliance]\nfrom = \"dir:root\"\n\n[server]\naddress = \"10.213.9.1/24\"\n\n";
+    for (extra, who) in [
+        (
+            "[node.n1]\nmac = \"52:54:00:09:00:01\"\nimage = \"nosuch\"\n\n[appliance]\nimage = \"appliance\"\n",
+            "[node.n1]",
+        ),
+        ("[appliance]\nimage = \"appliance\"\nimages = [\"nosuch\"]\n", "[appliance] images"),
+        ("[appliance]\nimage = \"nosuch\"\n", "[appliance] image"),
+    ] {
+        fs::write(dir.path().join("kiln.toml"), format!("{base}{extra}")).unwrap();
+        let err = kiln_err(dir.path(), &store, &["appliance", "--quiet"]);
+        let want = format!(
+            "kiln.toml: {who} names image \"nosuch\", but there is no [image.nosuch]: add one, or use one of the \
+             images the recipe defines (appliance)"
+        );
+        assert!(err.contains(&want), "{err}");
+        assert_eq!(store_snapshot(&store), Vec::<String>::new(), "a failed appliance build changed the store");
+    }
+}
+
 enum Firmware {
     Bios,
     Uefi,

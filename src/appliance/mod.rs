@@ -162,22 +162,31 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
         format!("{file}: [server] needs `address` (e.g. \"10.4.0.1/24\"): the appliance sets it on its interface")
     })?;
     let nodes = resolve_nodes(&server, &recipe.profile, &recipe.node).with_context(|| file.clone())?;
-    let mut served: Vec<String> = nodes.iter().map(|n| n.image.clone()).collect();
+    // Who asks for each image, so a missing [image.*] is reported where it is referenced.
+    let mut uses: Vec<(String, String)> =
+        nodes.iter().map(|n| (n.image.clone(), format!("[node.{}]", n.name))).collect();
     if let Unknown::Boot(img) = &server.unknown {
-        served.push(img.clone());
+        uses.push((img.clone(), format!("[server] unknown = \"boot:{img}\"")));
     }
-    served.extend(app.images.iter().cloned());
+    uses.extend(app.images.iter().map(|img| (img.clone(), "[appliance] images".to_string())));
+    let mut served: Vec<String> = uses.iter().map(|(img, _)| img.clone()).collect();
     served.sort();
     served.dedup();
+    uses.push((app.image.clone(), "[appliance] image".to_string()));
+    for (img, who) in &uses {
+        if !recipe.image.contains_key(img) {
+            let known: Vec<&str> = recipe.image.keys().map(String::as_str).collect();
+            bail!(
+                "{file}: {who} names image {img:?}, but there is no [image.{img}]: add one, or use one of the images \
+                 the recipe defines ({})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            );
+        }
+    }
     let mut wanted = served.clone();
     wanted.push(app.image.clone());
     wanted.sort();
     wanted.dedup();
-    for name in &wanted {
-        if !recipe.image.contains_key(name) {
-            bail!("{file}: the appliance needs image {name:?}, but there is no [image.{name}] to build it");
-        }
-    }
     let built = build::build_recipe(store, loaded, &wanted, opts)?;
     let by_name: BTreeMap<&str, &build::Built> = built.iter().map(|b| (b.name.as_str(), b)).collect();
     let appliance = by_name[app.image.as_str()];
