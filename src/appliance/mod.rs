@@ -213,11 +213,20 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
         srv.remove("state_dir");
         srv.remove("interface");
         if let Some(toml::Value::Table(bf)) = srv.get_mut("boot_files") {
+            // Carried with a manifest beside them, which `kiln serve` checks them against before serving.
+            let mut listed = serde_json::Map::new();
             for (key, value) in bf.iter_mut() {
                 let host = PathBuf::from(value.as_str().unwrap_or_default());
                 let inside = format!("{APPLIANCE_STORE}/boot/{key}");
                 tree.file(&inside, &host, 0o644)?;
+                let (digest, size) =
+                    sha256_file(&host).with_context(|| format!("{file}: [server.boot_files] {key}"))?;
+                listed.insert(key.clone(), json!({"sha256": digest.hex(), "size": size}));
                 *value = toml::Value::String(format!("/{inside}"));
+            }
+            if !listed.is_empty() {
+                let manifest = serde_json::to_vec_pretty(&json!({ "files": listed }))?;
+                tree.bytes(&format!("{APPLIANCE_STORE}/boot/manifest.json"), manifest, 0o644);
             }
         }
         if let Some(ipxe) = srv.get("ipxe").and_then(|v| v.as_str()) {
