@@ -49,6 +49,8 @@ PACKAGES=(
 	systemd-boot-efi
 	binutils
 	diffoscope-minimal
+	fdisk
+	e2fsprogs
 )
 
 is_installed() {

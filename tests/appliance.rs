@@ -221,7 +221,7 @@ fn boot_until(
         Media::Usb => {
             cmd.args(["-device", "qemu-xhci,id=xhci"])
                 .arg("-drive")
-                .arg(format!("if=none,id=stick,file={},format=raw,readonly=on", iso.display()))
+                .arg(format!("if=none,id=stick,file={},format=raw", iso.display()))
                 .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0"]);
         }
     }
@@ -231,10 +231,18 @@ fn boot_until(
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting qemu-system-x86_64");
     let mut vm = Vm(child);
     let start = Instant::now();
+    // A guest that prints nothing for this long has hung (seen once under TCG, early in the kernel).
+    let silence = Duration::from_secs(180);
+    let (mut seen, mut changed) = (0, Instant::now());
     let text = loop {
         let text = fs::read_to_string(&log).unwrap_or_default();
         if done(&text) {
             break text;
+        }
+        if text.len() != seen {
+            (seen, changed) = (text.len(), Instant::now());
+        } else if changed.elapsed() > silence {
+            panic!("the console has been silent for {silence:?}: the guest hung; console:\n{text}");
         }
         if let Ok(Some(status)) = vm.0.try_wait() {
             panic!("QEMU exited ({status}) before the console showed what the test waits for; console:\n{text}");
@@ -336,13 +344,25 @@ fn appliance_boots_bios_usb_disk() {
     );
 }
 
-/// The ISO as a USB stick on an xHCI controller, booted by OVMF (its NIC has no boot ROM, so
-/// reaching kiln serve means OVMF booted the stick).
+/// The ISO written to a USB stick with a KILN-DATA partition added behind it the way
+/// docs/appliance.md says (`sfdisk --append`, `mkfs.ext4 -L KILN-DATA`), on an xHCI controller,
+/// booted by OVMF (its NIC has no boot ROM, so reaching kiln serve means OVMF booted the stick).
 #[test]
-fn appliance_boots_uefi_usb_stick() {
-    let text = boot(&built().iso, Firmware::Uefi, Media::Usb, &[]);
+fn appliance_boots_uefi_usb_stick_with_its_data_partition() {
+    let work = tempfile::tempdir().unwrap();
+    let stick = work.path().join("stick.img");
+    fs::copy(&built().iso, &stick).unwrap();
+    let iso_size = fs::metadata(&stick).unwrap().len();
+    // What `dd if=kiln.iso of=/dev/sdX` gives on a stick larger than the ISO.
+    sh(&format!("truncate -s {} '{}'", iso_size + (64 << 20), stick.display()));
+    sh(&format!("echo ',,L' | sfdisk --quiet --append '{}'", stick.display()));
+    let table: serde_json::Value = serde_json::from_str(&sh(&format!("sfdisk --json '{}'", stick.display()))).unwrap();
+    let start = table["partitiontable"]["partitions"][2]["start"].as_u64().unwrap();
+    assert!(start * 512 >= iso_size, "the new partition overlaps the ISO");
+    sh(&format!("mke2fs -q -F -t ext4 -L KILN-DATA -E offset={} '{}' 32M", start * 512, stick.display()));
+    let text = boot(&stick, Firmware::Uefi, Media::Usb, &[]);
     check_console(&text);
-    assert!(text.contains(RAM_STATE), "{text}");
+    assert!(text.contains("kiln appliance: state on KILN-DATA (/dev/sda3, ext4): kept across reboots"), "{text}");
 }
 
 /// `[server] interface` names an interface the machine does not have: the appliance says which
@@ -394,10 +414,11 @@ impl Drop for Vm {
 /// The real job: VM A boots the appliance ISO; VM B, diskless and joined to A only by a private
 /// QEMU link on loopback, PXE-boots from A (its NIC ROM's iPXE → A's DHCP → A's HTTP) into the
 /// node image carried on the ISO and prints that image's marker. A has a disk with a KILN-DATA
-/// partition: after A is switched off, n1's boot events and kiln serve's log are on it.
+/// partition: after A is switched off, n1's boot events and kiln serve's log are on it, and A
+/// booted again starts from them.
 #[test]
 fn a_diskless_node_pxe_boots_from_the_appliance() {
-    let _guard = one_boot_at_a_time();
+    let guard = one_boot_at_a_time();
     let iso = &built().iso;
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("data.img");
@@ -468,4 +489,14 @@ fn a_diskless_node_pxe_boots_from_the_appliance() {
     assert!(log.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4)"), "{log}");
     assert!(log.contains(SERVING), "{log}");
     assert!(log.contains("n1 script"), "{log}");
+
+    // A boots again from the same disk: kiln serve starts with what the first run recorded.
+    drop(guard);
+    let again = boot(iso, Firmware::Bios, Media::Cdrom, &[&disk]);
+    assert!(again.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4): kept across reboots"), "{again}");
+    let line =
+        again.lines().find(|l| l.starts_with("kiln serve: state /var/lib/kiln-data/state: ")).unwrap_or_default();
+    let events = events.len().to_string();
+    assert!(line.starts_with("kiln serve: state /var/lib/kiln-data/state: 1 leases, "), "{again}");
+    assert!(line.trim_end().ends_with(&format!(", {events} boot events")), "{again}");
 }
