@@ -38,6 +38,8 @@ pub struct HttpEvent {
 }
 
 const MAX_HEAD: usize = 16 * 1024;
+/// Most bytes one `sendfile(2)` call may send before the connection yields to the others.
+const SENDFILE_CHUNK: usize = 2 << 20;
 const IDLE: Duration = Duration::from_secs(60);
 
 /// A parsed request: only what the routes need.
@@ -297,7 +299,7 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u6
     let mut offset = start as i64;
     let end = start + len;
     while (offset as u64) < end {
-        let want = ((end - offset as u64) as usize).min(1 << 30);
+        let want = ((end - offset as u64) as usize).min(SENDFILE_CHUNK);
         stream.writable().await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
             nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut offset), want)
@@ -307,7 +309,8 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u6
             Ok(0) => {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent"))
             }
-            Ok(_) => {}
+            // Let the other connections on this worker have their turn (nginx's sendfile_max_chunk).
+            Ok(_) => tokio::task::yield_now().await,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
