@@ -179,13 +179,13 @@ const RAM_STATE: &str = concat!(
     "discovered nodes, boot events and logs are lost at shutdown"
 );
 
-/// Boots the ISO (with `disks` as further virtio disks) until `done` holds for the serial
-/// console; returns the console.
+/// Boots the ISO (with `disks` as further virtio disks: path, read-only) until `done` holds for
+/// the serial console; returns the console.
 fn boot_until(
     iso: &Path,
     firmware: Firmware,
     media: Media,
-    disks: &[&Path],
+    disks: &[(&Path, bool)],
     done: &dyn Fn(&str) -> bool,
     timeout: Duration,
 ) -> String {
@@ -225,8 +225,8 @@ fn boot_until(
                 .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0"]);
         }
     }
-    for disk in disks {
-        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio", disk.display()));
+    for (disk, read_only) in disks {
+        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,readonly={}", disk.display(), on(*read_only)));
     }
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting qemu-system-x86_64");
     let mut vm = Vm(child);
@@ -256,6 +256,14 @@ fn boot_until(
     text
 }
 
+fn on(flag: bool) -> &'static str {
+    if flag {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 /// QEMU arguments for the ISO as a CD that the firmware boots first (SeaBIOS would try a
 /// data disk before a CD).
 fn cdrom(iso: &Path) -> [String; 4] {
@@ -268,7 +276,7 @@ fn cdrom(iso: &Path) -> [String; 4] {
 }
 
 /// Boots the ISO until kiln serve says it is serving; returns the console.
-fn boot(iso: &Path, firmware: Firmware, media: Media, disks: &[&Path]) -> String {
+fn boot(iso: &Path, firmware: Firmware, media: Media, disks: &[(&Path, bool)]) -> String {
     boot_until(iso, firmware, media, disks, &|text| text.contains(SERVING), Duration::from_secs(600))
 }
 
@@ -331,7 +339,7 @@ fn appliance_boots_bios_usb_disk() {
     let mut bytes = fs::read(&bad).unwrap();
     bytes[(1 << 20) + 1024 + 0x63] |= 0x80;
     fs::write(&bad, bytes).unwrap();
-    let text = boot(&built().iso, Firmware::Bios, Media::Disk, &[&bad]);
+    let text = boot(&built().iso, Firmware::Bios, Media::Disk, &[(&bad, false)]);
     check_console(&text);
     assert!(text.contains("kiln appliance: error: cannot mount /dev/vdb1 (labelled KILN-DATA): "), "{text}");
     assert!(text.contains("mkfs.ext4 -L KILN-DATA /dev/vdb1"), "{text}");
@@ -366,7 +374,8 @@ fn appliance_boots_uefi_usb_stick_with_its_data_partition() {
 }
 
 /// `[server] interface` names an interface the machine does not have: the appliance says which
-/// ones it has and keeps retrying (no exit, so no reboot loop).
+/// ones it has and keeps retrying (no exit, so no reboot loop). In the same boot, a KILN-DATA
+/// disk that is write-protected: named, and the state stays in RAM.
 #[test]
 fn appliance_names_a_missing_interface_and_keeps_trying() {
     let b = built();
@@ -377,13 +386,15 @@ fn appliance_names_a_missing_interface_and_keeps_trying() {
     let out = kiln_ok(dir.path(), &b.store, &["appliance", "--quiet"]);
     eprintln!("second appliance built in {:.1}s", start.elapsed().as_secs_f64());
     let iso = PathBuf::from(out.trim());
+    let locked = dir.path().join("locked.img");
+    data_disk(&locked);
     let error = "kiln appliance: error: interface nosuch0 (from [server] interface) does not exist; this machine \
                  has: ";
     let text = boot_until(
         &iso,
         Firmware::Bios,
         Media::Cdrom,
-        &[],
+        &[(&locked, true)],
         &|text| text.matches(error).count() >= 2,
         Duration::from_secs(600),
     );
@@ -393,6 +404,13 @@ fn appliance_names_a_missing_interface_and_keeps_trying() {
     assert_eq!(text.matches("appliance starting").count(), 1, "the appliance restarted:\n{text}");
     assert!(!text.contains("Kernel panic"), "{text}");
     assert!(!text.contains("kiln serve: "), "{text}");
+    assert!(
+        text.contains(
+            "kiln appliance: error: cannot write to /dev/vda1 (labelled KILN-DATA, ext4): Read-only file system"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("kiln appliance: state in RAM (KILN-DATA on /dev/vda1 is unusable)"), "{text}");
 }
 
 /// One boot at a time: an appliance VM needs 3 GiB and a core.
@@ -492,7 +510,7 @@ fn a_diskless_node_pxe_boots_from_the_appliance() {
 
     // A boots again from the same disk: kiln serve starts with what the first run recorded.
     drop(guard);
-    let again = boot(iso, Firmware::Bios, Media::Cdrom, &[&disk]);
+    let again = boot(iso, Firmware::Bios, Media::Cdrom, &[(&disk, false)]);
     assert!(again.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4): kept across reboots"), "{again}");
     let line =
         again.lines().find(|l| l.starts_with("kiln serve: state /var/lib/kiln-data/state: ")).unwrap_or_default();
