@@ -322,6 +322,21 @@ fn stamp() -> String {
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
+/// The firmware files served, e.g. `undionly.kpxe, snponly.efi`, or what to do when there are none.
+fn firmware_list(site: &Site) -> String {
+    let names: Vec<&str> = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64]
+        .into_iter()
+        .flatten()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if names.is_empty() {
+        "none (machines whose firmware runs iPXE already boot; for others set [server] ipxe or [server.boot_files])"
+            .to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
 fn announce(site: &Site, http_port: u16, tftp_port: u16) {
     println!(
         "kiln serve: {}/{} on {}, DHCP {}, HTTP port {http_port}, TFTP port {tftp_port}",
@@ -334,11 +349,6 @@ fn announce(site: &Site, http_port: u16, tftp_port: u16) {
         "kiln serve: {} nodes, images: {}; firmware files: {}",
         site.nodes.len(),
         site.bundles.keys().cloned().collect::<Vec<_>>().join(", "),
-        [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64]
-            .into_iter()
-            .flatten()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        firmware_list(site)
     );
 }
