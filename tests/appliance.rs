@@ -352,6 +352,33 @@ fn appliance_boots_bios_usb_disk() {
     );
 }
 
+/// The KILN-DATA partition holds a damaged state database: kiln serve cannot open it and says
+/// why; after two such failures the appliance says so and serves with its state in RAM, leaving
+/// the file on the partition as it was.
+#[test]
+fn appliance_serves_from_ram_when_its_kiln_data_state_is_damaged() {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("data.img");
+    data_disk(&disk);
+    let garbage = work.path().join("garbage");
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    fs::write(&garbage, &bytes).unwrap();
+    let target = format!("'{}?offset={}'", disk.display(), 1 << 20);
+    sh(&format!("debugfs -w -R 'mkdir state' {target} 2>/dev/null"));
+    sh(&format!("debugfs -w -R 'write {} state/state.redb' {target} 2>/dev/null", garbage.display()));
+    let text = boot(&built().iso, Firmware::Bios, Media::Cdrom, &[(&disk, false)]);
+    check_console(&text);
+    assert!(text.contains("kiln appliance: state on KILN-DATA (/dev/vda1, ext4)"), "{text}");
+    assert!(text.contains("state/state.redb: ") && text.contains("damaged or not a kiln state database"), "{text}");
+    assert!(
+        text.contains("kiln appliance: error: kiln serve cannot start with its state on KILN-DATA"),
+        "the appliance did not fall back to RAM:\n{text}"
+    );
+    let after = work.path().join("after");
+    read_data_file(&disk, "state/state.redb", &after);
+    assert_eq!(fs::read(&after).unwrap(), bytes, "the damaged database was changed");
+}
+
 /// The ISO written to a USB stick with a KILN-DATA partition added behind it the way
 /// docs/appliance.md says (`sfdisk --append`, `mkfs.ext4 -L KILN-DATA`), on an xHCI controller,
 /// booted by OVMF (its NIC has no boot ROM, so reaching kiln serve means OVMF booted the stick).

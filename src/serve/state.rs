@@ -109,6 +109,12 @@ impl State {
                  directory?)",
                 path.display()
             ),
+            Err(e @ (redb::DatabaseError::Storage(_) | redb::DatabaseError::UpgradeRequired(_))) => bail!(
+                "opening {}: {e}: the file is damaged or not a kiln state database; move it aside (mv {0} \
+                 {0}.broken) and kiln serve starts with empty state (the leases, discovered machines and boot \
+                 events it held are forgotten)",
+                path.display()
+            ),
             Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
         };
         let txn = db.begin_write().with_context(|| format!("opening {}", path.display()))?;
@@ -574,6 +580,16 @@ mod tests {
         drop(state);
         let state = State::open(dir.path()).unwrap();
         assert!(state.leases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_database_is_named_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        std::fs::write(dir.path().join("state.redb"), &garbage).unwrap();
+        let err = format!("{:#}", State::open(dir.path()).unwrap_err());
+        assert!(err.contains("state.redb") && err.contains("damaged") && err.contains("move it aside"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("state.redb")).unwrap(), garbage, "the file was changed");
     }
 
     #[test]
