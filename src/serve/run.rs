@@ -159,10 +159,7 @@ async fn serve(
                 if ev.mac.is_some() {
                     peers.learn(ev.client, mac);
                 }
-                let name = site_rx.borrow().node(mac).map(|n| n.name.clone());
-                if let Err(e) = state.record_event(mac.0, ev.kind, &ev.detail, now()) {
-                    tracing::warn!("recording a boot event: {e:#}");
-                }
+                let name = record(&state, &site_rx.borrow(), mac, ev.kind, &ev.detail);
                 if ev.kind == "script" {
                     if name.is_none() {
                         let _ = state.record_discovered(mac.0, None, Some("iPXE".into()), now());
@@ -179,10 +176,7 @@ async fn serve(
                 };
                 match peers.mac_of(client.ip(), &site_rx.borrow(), &state) {
                     Some(mac) => {
-                        if let Err(e) = state.record_event(mac.0, "tftp", &detail, now()) {
-                            tracing::warn!("recording a boot event: {e:#}");
-                        }
-                        let name = site_rx.borrow().node(mac).map(|n| n.name.clone());
+                        let name = record(&state, &site_rx.borrow(), mac, "tftp", &detail);
                         println!("{} {} {} tftp {detail}", stamp(), mac, name.as_deref().unwrap_or("unknown"));
                     }
                     None => println!("{} tftp {client} {detail}", stamp()),
@@ -274,6 +268,14 @@ async fn control_server(
             }
         });
     }
+}
+
+/// Records a boot event of `mac` in the state (a failure is logged, not fatal); returns the node's name.
+fn record(state: &State, site: &Site, mac: Mac, kind: &str, detail: &str) -> Option<String> {
+    if let Err(e) = state.record_event(mac.0, kind, detail, now()) {
+        tracing::warn!("recording a boot event: {e:#}");
+    }
+    site.node(mac).map(|n| n.name.clone())
 }
 
 /// Which machine is at which address, for attributing requests that name no MAC (blob downloads, TFTP).
