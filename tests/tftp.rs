@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln::serve::limits::Limits;
 use kiln::serve::tftp::{serve, ErrorCode, Packet, TftpConfig, TftpEvent, TftpFiles, READ_ONLY_MESSAGE};
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
@@ -19,7 +20,8 @@ struct Server {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     config: watch::Sender<Arc<TftpConfig>>,
-    events: mpsc::UnboundedReceiver<TftpEvent>,
+    events: mpsc::Receiver<TftpEvent>,
+    limits: Limits,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -42,12 +44,13 @@ impl Server {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let (config, config_rx) = watch::channel(Arc::new(config));
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(64);
+        let limits = Limits::default();
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(socket, config_rx, Some(events_tx), async move {
+        let task = tokio::spawn(serve(socket, config_rx, Some(events_tx), limits.clone(), async move {
             let _ = stop_rx.await;
         }));
-        Server { addr, dir, config, events, stop: Some(stop), task }
+        Server { addr, dir, config, events, limits, stop: Some(stop), task }
     }
 
     fn root(&self) -> PathBuf {
@@ -439,7 +442,7 @@ async fn wildcard_server(bind: &str) -> Option<(u16, String, oneshot::Sender<()>
     config.files.named.insert("f".into(), dir.path().join("f"));
     let (_, config) = watch::channel(Arc::new(config));
     let (stop, stop_rx) = oneshot::channel::<()>();
-    tokio::spawn(serve(socket, config, None, async move {
+    tokio::spawn(serve(socket, config, None, Limits::default(), async move {
         let _ = stop_rx.await;
     }));
     Some((port, want, stop, dir))

@@ -4,6 +4,7 @@ pub mod config;
 pub mod dhcp;
 mod dhcp_glue;
 pub mod http;
+pub mod limits;
 pub mod nodes;
 pub mod overlay;
 pub mod run;
