@@ -58,9 +58,9 @@ impl Listener {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         info!("TFTP server listening on {}", self.local);
-        let current = config.borrow().clone();
-        let total_limit = limits.limit("tftp_max_transfers", current.max_transfers as u64, "requests refused");
-        let client_limit = limits.limit("tftp_max_per_client", current.max_per_client as u64, "requests refused");
+        let first = config.borrow().clone();
+        let total_limit = limits.limit("tftp_max_transfers", first.max_transfers as u64, "requests refused");
+        let client_limit = limits.limit("tftp_max_per_client", first.max_per_client as u64, "requests refused");
         let events = events.map(|queue| EventSink {
             dropped: limits.limit("tftp_events", queue.max_capacity() as u64, "boot events dropped"),
             queue,
@@ -84,12 +84,12 @@ impl Listener {
                 }
             };
             let Some(request) = self.dispatch(&buf[..len], client).await else { continue };
-            let config = config.borrow().clone();
-            total_limit.set_value(config.max_transfers as u64);
-            client_limit.set_value(config.max_per_client as u64);
+            let current = config.borrow().clone();
+            total_limit.set_value(current.max_transfers as u64);
+            client_limit.set_value(current.max_per_client as u64);
             // Over a limit, the request is dropped without an answer: the client retransmits it, as for a lost
             // packet, while an ERROR makes many PXE ROMs give up and boot the next device (see the module doc).
-            let permit = match admission.try_admit(client.ip(), config.max_transfers, config.max_per_client) {
+            let permit = match admission.try_admit(client.ip(), current.max_transfers, current.max_per_client) {
                 Ok(permit) => permit,
                 Err(full) => {
                     let limit = if full == Full::Client { &client_limit } else { &total_limit };
@@ -98,7 +98,7 @@ impl Listener {
                     continue;
                 }
             };
-            let transfer = Transfer::new(client, local, request, config, events.clone(), stop.clone());
+            let transfer = Transfer::new(client, local, request, current, events.clone(), stop.clone());
             if let Err(e) = transfer.spawn(permit) {
                 // The system refuses threads (memory, RLIMIT_NPROC): like a limit, said once in a while.
                 if spawn_warned.is_none_or(|at| at.elapsed() >= SPAWN_WARNING_INTERVAL) {
