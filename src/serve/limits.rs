@@ -22,26 +22,13 @@ pub struct Limits {
     by_name: Arc<Mutex<BTreeMap<&'static str, Arc<Limit>>>>,
 }
 
-/// How a report line names what a limit turned away: "1 request refused", "1,992 requests refused".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    pub one: &'static str,
-    pub many: &'static str,
-}
-
-impl Refused {
-    /// Requests a server did not take on.
-    pub const REQUESTS: Refused = Refused { one: "request refused", many: "requests refused" };
-    /// Boot events left out of the boot log.
-    pub const BOOT_EVENTS: Refused = Refused { one: "boot event dropped", many: "boot events dropped" };
-}
-
 /// One limit: its name (the setting an administrator would change, e.g. `tftp_max_per_client`), its current
 /// value and how many requests it refused since the server started.
 #[derive(Debug)]
 pub struct Limit {
     name: &'static str,
-    refused_what: Refused,
+    /// What one refusal turned away, in the plural, for the report: "requests refused", "boot events dropped".
+    refused_what: &'static str,
     value: AtomicU64,
     refused: AtomicU64,
     /// `refused` when the last report line for this limit was made.
@@ -74,9 +61,9 @@ impl Limit {
 }
 
 impl Limits {
-    /// The limit called `name`, registered on first use with `value` and what it refuses; later calls return the
-    /// same limit with `value` as its current value.
-    pub fn limit(&self, name: &'static str, value: u64, refused_what: Refused) -> Arc<Limit> {
+    /// The limit called `name`, registered on first use with `value` and a description of what it refuses
+    /// ("requests refused"); later calls return the same limit with `value` as its current value.
+    pub fn limit(&self, name: &'static str, value: u64, refused_what: &'static str) -> Arc<Limit> {
         let mut by_name = self.by_name.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let limit = by_name.entry(name).or_insert_with(|| {
             Arc::new(Limit {
@@ -104,13 +91,12 @@ impl Limits {
             let total = limit.refused();
             let before = limit.reported.swap(total, Ordering::Relaxed);
             if total > before {
-                let count = total - before;
-                let what = if count == 1 { limit.refused_what.one } else { limit.refused_what.many };
                 lines.push(format!(
-                    "kiln serve: limit {} ({}) hit: {} {what} in the last {}",
+                    "kiln serve: limit {} ({}) hit: {} {} in the last {}",
                     limit.name,
                     grouped(limit.value()),
-                    grouped(count),
+                    grouped(total - before),
+                    limit.refused_what,
                     seconds(interval)
                 ));
             }
@@ -184,8 +170,8 @@ mod tests {
     #[test]
     fn one_line_per_limit_hit_since_the_last_report() {
         let limits = Limits::default();
-        let per_client = limits.limit("tftp_max_per_client", 8, Refused::REQUESTS);
-        let total = limits.limit("tftp_max_transfers", 512, Refused::REQUESTS);
+        let per_client = limits.limit("tftp_max_per_client", 8, "requests refused");
+        let total = limits.limit("tftp_max_transfers", 512, "requests refused");
         assert!(limits.report(Duration::from_secs(10)).is_empty());
         for _ in 0..1992 {
             per_client.refuse();
@@ -202,7 +188,7 @@ mod tests {
         assert_eq!(
             limits.report(Duration::from_secs(10)),
             [
-                "kiln serve: limit tftp_max_per_client (8) hit: 1 request refused in the last 10 s",
+                "kiln serve: limit tftp_max_per_client (8) hit: 1 requests refused in the last 10 s",
                 "kiln serve: limit tftp_max_transfers (512) hit: 2 requests refused in the last 10 s",
             ]
         );
@@ -212,10 +198,10 @@ mod tests {
     #[test]
     fn a_limit_is_shared_and_keeps_its_count_across_new_values() {
         let limits = Limits::default();
-        let first = limits.limit("tftp_max_transfers", 512, Refused::REQUESTS);
+        let first = limits.limit("tftp_max_transfers", 512, "requests refused");
         first.refuse();
         // A reload registers the same name with a new value: the counter carries on, the line shows the new value.
-        let again = limits.clone().limit("tftp_max_transfers", 64, Refused::REQUESTS);
+        let again = limits.clone().limit("tftp_max_transfers", 64, "requests refused");
         again.refuse();
         assert_eq!((first.refused(), first.value()), (2, 64));
         assert_eq!(
@@ -228,7 +214,7 @@ mod tests {
     #[test]
     fn counts_from_many_threads() {
         let limits = Limits::default();
-        let limit = limits.limit("tftp_events", 1024, Refused::BOOT_EVENTS);
+        let limit = limits.limit("tftp_events", 1024, "boot events dropped");
         std::thread::scope(|scope| {
             for _ in 0..4 {
                 scope.spawn(|| (0..10_000).for_each(|_| limit.refuse()));
@@ -247,7 +233,7 @@ mod tests {
     async fn the_reporter_prints_at_most_once_per_interval() {
         let interval = Duration::from_millis(200);
         let limits = Limits::default();
-        let limit = limits.limit("tftp_max_per_client", 8, Refused::REQUESTS);
+        let limit = limits.limit("tftp_max_per_client", 8, "requests refused");
         let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Line>();
         let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
         let reporter = tokio::spawn(limits.clone().report_every(

@@ -18,7 +18,7 @@ use super::admission::{Admission, Full};
 use super::packet::{ErrorCode, Packet};
 use super::transfer::{EventSink, OwnedRequest, Transfer};
 use super::{TftpConfig, TftpEvent, READ_ONLY_MESSAGE};
-use crate::serve::limits::{Limits, Refused};
+use crate::serve::limits::Limits;
 
 /// How long [`Listener::run`] waits, once shut down, for running transfers to tell their clients and stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -59,10 +59,10 @@ impl Listener {
     ) -> anyhow::Result<()> {
         info!("TFTP server listening on {}", self.local);
         let first = config.borrow().clone();
-        let total_limit = limits.limit("tftp_max_transfers", first.max_transfers as u64, Refused::REQUESTS);
-        let client_limit = limits.limit("tftp_max_per_client", first.max_per_client as u64, Refused::REQUESTS);
+        let total_limit = limits.limit("tftp_max_transfers", first.max_transfers as u64, "requests refused");
+        let client_limit = limits.limit("tftp_max_per_client", first.max_per_client as u64, "requests refused");
         let events = events.map(|queue| EventSink {
-            dropped: limits.limit("tftp_events", queue.max_capacity() as u64, Refused::BOOT_EVENTS),
+            dropped: limits.limit("tftp_events", queue.max_capacity() as u64, "boot events dropped"),
             queue,
         });
         let admission = Arc::new(Admission::default());
