@@ -11,6 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 echo "== flake.nix parses"
 nix-instantiate --parse flake.nix >/dev/null
 echo "== cargo test"

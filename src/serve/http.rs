@@ -24,8 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::config::Mac;
 use super::site::Site;
+use crate::net::Mac;
 
 /// Something a machine did, for the boot log. Blob downloads name no MAC: the server attributes them by the
 /// client's address (the machine that last asked for its script or overlay from there, or its lease).
@@ -268,8 +268,8 @@ fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::Unbou
     }
     // Firmware files, for UEFI HTTP boot (DHCP gives such clients http://SERVER/<name>).
     let wanted = path.trim_start_matches('/');
-    let boot = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64];
-    if let Some((_, file)) = boot.into_iter().flatten().find(|(name, _)| name == wanted) {
+    if let Some(file) = site.boot_files.by_name(wanted) {
+        let file = &file.path;
         return match std::fs::metadata(file) {
             Ok(m) => Response {
                 blob: None,

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use super::config::{DhcpMode, Mac};
 use super::http::HttpEvent;
 use super::site::Site;
 use super::state::State;
 use super::tftp::{TftpConfig, TftpEvent, TftpFiles};
-use crate::recipe::LoadedRecipe;
+use crate::net::Mac;
+use crate::recipe::{DhcpMode, LoadedRecipe};
 use crate::store::Store;
+use crate::util::unix_now as now;
 
 /// What `kiln serve` was asked on the command line (overrides of the recipe's `[server]`).
 #[derive(Debug, Clone, Default)]
@@ -55,27 +56,17 @@ fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
 
 fn tftp_config(site: &Site) -> TftpConfig {
     let mut files = TftpFiles::default();
-    for (name, path) in
-        [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64].into_iter().flatten()
-    {
-        files.named.insert(name.clone(), path.clone());
+    for file in site.boot_files.iter() {
+        files.named.insert(file.name.clone(), file.path.clone());
     }
     TftpConfig { files, ..TftpConfig::default() }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(opts: ServeOptions) -> Result<ExitCode> {
     let store = Store::open(&opts.store_root)?;
     let site = load(&opts, &store)?;
-    let state_dir = opts
-        .state_dir
-        .clone()
-        .or_else(|| site.server.state_dir.clone())
-        .unwrap_or_else(|| opts.store_root.join("state"));
+    let state_dir = super::state_dir(opts.state_dir.as_deref(), Some(&site.server), &opts.store_root);
     crate::util::mkdir_p(&state_dir)?;
     let state = Arc::new(State::open(&state_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -112,8 +103,8 @@ async fn serve(
         summary.discovered,
         summary.events
     );
-    let socket = state_dir.join(super::state::SOCKET);
-    let control = bind_control(&socket);
+    let socket = state_dir.join(super::control::SOCKET);
+    let control = super::control::bind(&socket);
 
     let (site_tx, site_rx) = watch::channel(Arc::new(site));
     let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
@@ -128,7 +119,7 @@ async fn serve(
         let _ = tftp_stop.wait_for(|s| *s).await;
     }));
     if let Some(listener) = control {
-        tasks.spawn(control_server(listener, state.clone(), stop_rx.clone()));
+        tasks.spawn(super::control::serve(listener, state.clone(), stop_rx.clone()));
     }
     let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), stop_rx.clone())?;
 
@@ -162,7 +153,7 @@ async fn serve(
                 let name = record(&state, &site_rx.borrow(), mac, ev.kind, &ev.detail);
                 if ev.kind == "script" {
                     if name.is_none() {
-                        let _ = state.record_discovered(mac.0, None, Some("iPXE".into()), now());
+                        let _ = state.record_discovered(mac, None, Some("iPXE".into()), now());
                     }
                     booted.insert(mac);
                 }
@@ -183,8 +174,8 @@ async fn serve(
                 }
             }
             Some(ev) = async { match dhcp_ev.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let name = site_rx.borrow().node(Mac(ev.mac)).map(|n| n.name.clone());
-                println!("{} {} {} {} {}", stamp(), Mac(ev.mac), name.as_deref().unwrap_or("unknown"), ev.kind.as_str(), ev.detail());
+                let name = site_rx.borrow().node(ev.mac).map(|n| n.name.clone());
+                println!("{} {} {} {} {}", stamp(), ev.mac, name.as_deref().unwrap_or("unknown"), ev.kind.as_str(), ev.detail());
             }
             Some(done) = tasks.join_next() => {
                 match done {
@@ -206,73 +197,9 @@ async fn serve(
     result
 }
 
-/// Binds the control socket (replacing a stale one: this process holds the state's lock); on failure says what
-/// does not work without it and goes on.
-fn bind_control(socket: &std::path::Path) -> Option<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(socket);
-    let bound = tokio::net::UnixListener::bind(socket).and_then(|l| {
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-        Ok(l)
-    });
-    match bound {
-        Ok(l) => Some(l),
-        Err(e) => {
-            eprintln!(
-                "kiln serve: warning: no control socket at {} ({e}): `kiln node ls --unknown` and `kiln node events` \
-                 cannot read the state while this server runs",
-                socket.display()
-            );
-            None
-        }
-    }
-}
-
-/// Answers [`super::state::Query`] lines on the control socket until `stop`.
-async fn control_server(
-    listener: tokio::net::UnixListener,
-    state: Arc<State>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("control socket accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = Vec::new();
-            let mut reader = tokio::io::BufReader::new(read.take(64 * 1024));
-            let got =
-                tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_until(b'\n', &mut line)).await;
-            if !matches!(got, Ok(Ok(n)) if n > 0) {
-                return;
-            }
-            let answer = tokio::task::spawn_blocking(move || super::state::Reply::to_line(&state, &line)).await;
-            if let Ok(answer) = answer {
-                let _ = write.write_all(&answer).await;
-            }
-        });
-    }
-}
-
 /// Records a boot event of `mac` in the state (a failure is logged, not fatal); returns the node's name.
 fn record(state: &State, site: &Site, mac: Mac, kind: &str, detail: &str) -> Option<String> {
-    if let Err(e) = state.record_event(mac.0, kind, detail, now()) {
+    if let Err(e) = state.record_event(mac, kind, detail, now()) {
         tracing::warn!("recording a boot event: {e:#}");
     }
     site.node(mac).map(|n| n.name.clone())
@@ -313,7 +240,7 @@ impl Peers {
         }
         let IpAddr::V4(v4) = ip else { return None };
         if let Some(lease) = state.lease_on(v4) {
-            return Some(Mac(lease.mac));
+            return Some(lease.mac);
         }
         site.nodes.iter().find(|n| n.ipv4 == Some(v4)).map(|n| n.mac)
     }
@@ -326,11 +253,7 @@ fn stamp() -> String {
 
 /// The firmware files served, e.g. `undionly.kpxe, snponly.efi`, or what to do when there are none.
 fn firmware_list(site: &Site) -> String {
-    let names: Vec<&str> = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64]
-        .into_iter()
-        .flatten()
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let names: Vec<&str> = site.boot_files.iter().map(|f| f.name.as_str()).collect();
     if names.is_empty() {
         "none (machines whose firmware runs iPXE already boot; for others set [server] ipxe or [server.boot_files])"
             .to_string()

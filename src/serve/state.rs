@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::net::Mac;
+
 /// Boot events kept per MAC; older ones are dropped as new ones arrive.
 pub const EVENTS_PER_MAC: u64 = 1000;
 
@@ -38,8 +40,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// An address given to a machine by the DHCP server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     pub ip: Ipv4Addr,
     /// Unix seconds; the address is free for others after this.
     pub expires: u64,
@@ -56,8 +57,7 @@ impl Lease {
 /// A machine that asked for boot service without being in the node list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     /// Client system architecture (DHCP option 93, RFC 4578), from the last request that had one.
     pub arch: Option<u16>,
     /// Vendor class identifier (DHCP option 60), e.g. `PXEClient:Arch:00007:UNDI:003016`.
@@ -71,8 +71,7 @@ pub struct Discovered {
 /// One step of a machine's boot, e.g. `dhcp-ack` with detail `10.4.0.11 undionly.kpxe`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootEvent {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     /// Unix seconds.
     pub time: u64,
     pub kind: String,
@@ -152,7 +151,7 @@ impl State {
     }
 
     /// The lease recorded for `mac` (possibly expired).
-    pub fn lease(&self, mac: [u8; 6]) -> Result<Option<Lease>> {
+    pub fn lease(&self, mac: Mac) -> Result<Option<Lease>> {
         Ok(self.cache().by_mac.get(&mac).cloned())
     }
 
@@ -178,9 +177,9 @@ impl State {
         self.write(Durability::Immediate, |txn| {
             let mut table = txn.open_table(LEASES)?;
             if let Some(mac) = other {
-                table.remove(&mac[..])?;
+                table.remove(&mac.0[..])?;
             }
-            table.insert(&lease.mac[..], &value[..])?;
+            table.insert(&lease.mac.0[..], &value[..])?;
             Ok(())
         })
         .with_context(|| format!("recording the lease of {} in {}", lease.ip, self.path.display()))?;
@@ -189,13 +188,13 @@ impl State {
     }
 
     /// Forgets the lease of `mac`.
-    pub fn release(&self, mac: [u8; 6]) -> Result<()> {
+    pub fn release(&self, mac: Mac) -> Result<()> {
         let mut cache = self.cache();
         self.write(Durability::Immediate, |txn| {
-            txn.open_table(LEASES)?.remove(&mac[..])?;
+            txn.open_table(LEASES)?.remove(&mac.0[..])?;
             Ok(())
         })
-        .with_context(|| format!("releasing the lease of {} in {}", format_mac(mac), self.path.display()))?;
+        .with_context(|| format!("releasing the lease of {} in {}", mac, self.path.display()))?;
         cache.remove(mac);
         Ok(())
     }
@@ -226,18 +225,12 @@ impl State {
     }
 
     /// Notes that an unknown machine asked for boot service: keeps `first_seen`, updates `last_seen`, counts.
-    pub fn record_discovered(
-        &self,
-        mac: [u8; 6],
-        arch: Option<u16>,
-        vendor_class: Option<String>,
-        now: u64,
-    ) -> Result<()> {
+    pub fn record_discovered(&self, mac: Mac, arch: Option<u16>, vendor_class: Option<String>, now: u64) -> Result<()> {
         let path = &self.path;
         self.write(Durability::Eventual, |txn| {
             let mut table = txn.open_table(DISCOVERED)?;
             let previous: Option<Discovered> =
-                table.get(&mac[..])?.map(|v| decode(v.value(), path, "discovery record")).transpose()?;
+                table.get(&mac.0[..])?.map(|v| decode(v.value(), path, "discovery record")).transpose()?;
             let record = match previous {
                 Some(old) => Discovered {
                     mac,
@@ -249,10 +242,10 @@ impl State {
                 },
                 None => Discovered { mac, arch, vendor_class, first_seen: now, last_seen: now, count: 1 },
             };
-            table.insert(&mac[..], &serde_json::to_vec(&record)?[..])?;
+            table.insert(&mac.0[..], &serde_json::to_vec(&record)?[..])?;
             Ok(())
         })
-        .with_context(|| format!("recording discovered machine {} in {}", format_mac(mac), path.display()))
+        .with_context(|| format!("recording discovered machine {} in {}", mac, path.display()))
     }
 
     /// Every machine discovered, by MAC.
@@ -266,7 +259,7 @@ impl State {
     }
 
     /// Appends a boot event for `mac`, dropping its oldest beyond [`EVENTS_PER_MAC`].
-    pub fn record_event(&self, mac: [u8; 6], kind: &str, detail: &str, now: u64) -> Result<()> {
+    pub fn record_event(&self, mac: Mac, kind: &str, detail: &str, now: u64) -> Result<()> {
         self.write(Durability::Eventual, |txn| {
             let seq = {
                 let mut meta = txn.open_table(META)?;
@@ -276,8 +269,8 @@ impl State {
             };
             let own = {
                 let mut seqs = txn.open_table(EVENT_SEQ)?;
-                let own = seqs.get(&mac[..])?.map(|v| v.value()).unwrap_or(0);
-                seqs.insert(&mac[..], own + 1)?;
+                let own = seqs.get(&mac.0[..])?.map(|v| v.value()).unwrap_or(0);
+                seqs.insert(&mac.0[..], own + 1)?;
                 own
             };
             let event = BootEvent { mac, time: now, kind: kind.to_owned(), detail: detail.to_owned(), seq };
@@ -295,11 +288,11 @@ impl State {
             }
             Ok(())
         })
-        .with_context(|| format!("recording a boot event of {} in {}", format_mac(mac), self.path.display()))
+        .with_context(|| format!("recording a boot event of {} in {}", mac, self.path.display()))
     }
 
     /// The last `limit` boot events, of one machine or of all, oldest first.
-    pub fn events(&self, mac: Option<[u8; 6]>, limit: usize) -> Result<Vec<BootEvent>> {
+    pub fn events(&self, mac: Option<Mac>, limit: usize) -> Result<Vec<BootEvent>> {
         let read = self.db.begin_read()?;
         let table = read.open_table(EVENTS)?;
         let mut out: Vec<BootEvent> = Vec::new();
@@ -341,8 +334,8 @@ impl State {
 /// of a pool it scans).
 #[derive(Default)]
 struct LeaseCache {
-    by_mac: HashMap<[u8; 6], Lease>,
-    by_ip: HashMap<Ipv4Addr, [u8; 6]>,
+    by_mac: HashMap<Mac, Lease>,
+    by_ip: HashMap<Ipv4Addr, Mac>,
 }
 
 impl LeaseCache {
@@ -355,7 +348,7 @@ impl LeaseCache {
         self.by_mac.insert(lease.mac, lease);
     }
 
-    fn remove(&mut self, mac: [u8; 6]) {
+    fn remove(&mut self, mac: Mac) {
         if let Some(old) = self.by_mac.remove(&mac) {
             if self.by_ip.get(&old.ip) == Some(&mac) {
                 self.by_ip.remove(&old.ip);
@@ -364,26 +357,7 @@ impl LeaseCache {
     }
 }
 
-/// The control socket `kiln serve` listens on in its state directory: while it runs, the database is locked and
-/// other kiln commands ask the server instead.
-pub const SOCKET: &str = "kiln.sock";
-
-/// A question about the state, answered from the database or, while `kiln serve` holds it, by the server over
-/// [`SOCKET`] (one JSON line each way).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "query", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Query {
-    /// Counts of leases, discovered machines and boot events.
-    Summary,
-    /// Every lease.
-    Leases,
-    /// Every discovered machine.
-    Discovered,
-    /// The last `limit` boot events, of one MAC (`52:54:00:…`) or of all.
-    Events { mac: Option<String>, limit: usize },
-}
-
-/// What [`Query::Summary`] answers.
+/// What `Query::Summary` answers (see [`super::control`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub leases: u64,
@@ -401,82 +375,11 @@ impl State {
             events: read.open_table(EVENT_ORDER)?.len()?,
         })
     }
-
-    /// Answers `query` from this database.
-    pub fn answer(&self, query: &Query) -> Result<serde_json::Value> {
-        Ok(match query {
-            Query::Summary => serde_json::to_value(self.summary()?)?,
-            Query::Leases => serde_json::to_value(self.leases()?)?,
-            Query::Discovered => serde_json::to_value(self.discovered()?)?,
-            Query::Events { mac, limit } => {
-                let mac = mac.as_deref().map(parse_mac).transpose()?;
-                serde_json::to_value(self.events(mac, *limit)?)?
-            }
-        })
-    }
 }
 
-/// Answers `query` about the state in `dir`: from the running server if one holds it, else from the database
-/// (created if missing).
-pub fn ask(dir: &Path, query: &Query) -> Result<serde_json::Value> {
-    let socket = dir.join(SOCKET);
-    match std::os::unix::net::UnixStream::connect(&socket) {
-        Ok(stream) => return ask_server(stream, &socket, query),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
-    }
-    State::open(dir)?.answer(query)
-}
-
-fn ask_server(mut stream: std::os::unix::net::UnixStream, socket: &Path, query: &Query) -> Result<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let timeout = Some(std::time::Duration::from_secs(10));
-    stream.set_read_timeout(timeout)?;
-    stream.set_write_timeout(timeout)?;
-    let mut line = serde_json::to_vec(query)?;
-    line.push(b'\n');
-    stream.write_all(&line).with_context(|| format!("asking kiln serve over {}", socket.display()))?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut answer)
-        .with_context(|| format!("reading kiln serve's answer over {}", socket.display()))?;
-    let reply: Reply = serde_json::from_str(&answer)
-        .with_context(|| format!("kiln serve answered {} with something that is not a reply", socket.display()))?;
-    match reply {
-        Reply { ok: true, data: Some(data), .. } => Ok(data),
-        Reply { error, .. } => bail!("kiln serve ({}): {}", socket.display(), error.unwrap_or_default()),
-    }
-}
-
-/// One answer on the control socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Reply {
-    /// The reply to one request line.
-    pub fn to_line(state: &State, line: &[u8]) -> Vec<u8> {
-        let reply = match serde_json::from_slice::<Query>(line) {
-            Err(e) => Reply { ok: false, data: None, error: Some(format!("not a query: {e}")) },
-            Ok(q) => match state.answer(&q) {
-                Ok(data) => Reply { ok: true, data: Some(data), error: None },
-                Err(e) => Reply { ok: false, data: None, error: Some(format!("{e:#}")) },
-            },
-        };
-        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
-        out
-    }
-}
-
-fn event_key(mac: [u8; 6], seq: u64) -> [u8; 14] {
+fn event_key(mac: Mac, seq: u64) -> [u8; 14] {
     let mut key = [0; 14];
-    key[..6].copy_from_slice(&mac);
+    key[..6].copy_from_slice(&mac.0);
     key[6..].copy_from_slice(&seq.to_be_bytes());
     key
 }
@@ -485,50 +388,14 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path, what: &str)
     serde_json::from_slice(bytes).with_context(|| format!("reading a {what} from {}: corrupt record", path.display()))
 }
 
-/// `52:54:00:aa:bb:cc`: lowercase, colon-separated.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
-/// Parses `52:54:00:AA:BB:CC` or `52-54-00-aa-bb-cc`.
-pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split([':', '-']);
-    for byte in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2);
-        *byte = part
-            .and_then(|p| u8::from_str_radix(p, 16).ok())
-            .with_context(|| format!("invalid MAC address {text:?}: expected six hex pairs like 52:54:00:aa:bb:cc"))?;
-    }
-    if parts.next().is_some() {
-        bail!("invalid MAC address {text:?}: expected six hex pairs like 52:54:00:aa:bb:cc");
-    }
-    Ok(mac)
-}
-
-/// Serde for `[u8; 6]` as `"52:54:00:aa:bb:cc"`, so JSON output is readable: `#[serde(with = "mac_text")]`.
-pub mod mac_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_mac(*mac))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_mac(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const A: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0x01];
-    const B: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0x02];
+    const A: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0x01]);
+    const B: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0x02]);
 
-    fn lease(mac: [u8; 6], ip: [u8; 4], expires: u64) -> Lease {
+    fn lease(mac: Mac, ip: [u8; 4], expires: u64) -> Lease {
         Lease { mac, ip: ip.into(), expires, hostname: Some("n1".into()) }
     }
 
@@ -618,16 +485,5 @@ mod tests {
         let _first = State::open(dir.path()).unwrap();
         let err = State::open(dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("is `kiln serve` running"), "{err:#}");
-    }
-
-    #[test]
-    fn mac_text_round_trips() {
-        assert_eq!(format_mac(A), "52:54:00:aa:bb:01");
-        assert_eq!(parse_mac("52-54-00-AA-BB-01").unwrap(), A);
-        assert!(parse_mac("52:54:00:aa:bb").is_err());
-        assert!(parse_mac("52:54:00:aa:bb:01:02").is_err());
-        let json = serde_json::to_string(&lease(A, [10, 0, 0, 5], 1)).unwrap();
-        assert!(json.contains("\"52:54:00:aa:bb:01\""), "{json}");
-        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), lease(A, [10, 0, 0, 5], 1));
     }
 }
