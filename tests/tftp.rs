@@ -1,6 +1,6 @@
 //! The TFTP server, run in-process on 127.0.0.1, against real clients: curl, atftp (windowsize) and
-//! scripts/bench/tftp-client.py (options, loss, strangers). Needs `curl` and `atftp` (Debian: `apt-get install
-//! curl atftp`) and python3.
+//! scripts/bench/tftp-client.py (options, loss, strangers), and against a flood of requests never acknowledged.
+//! Needs `curl` and `atftp` (Debian: `apt-get install curl atftp`) and python3.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln::serve::tftp::{serve, ErrorCode, Packet, TftpConfig, TftpEvent, TftpFiles, READ_ONLY_MESSAGE};
+use kiln::serve::limits::Limits;
+use kiln::serve::tftp::{serve, ErrorCode, Mode, Packet, Request, TftpConfig, TftpEvent, TftpFiles, READ_ONLY_MESSAGE};
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,7 +20,8 @@ struct Server {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     config: watch::Sender<Arc<TftpConfig>>,
-    events: mpsc::UnboundedReceiver<TftpEvent>,
+    events: mpsc::Receiver<TftpEvent>,
+    limits: Limits,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -27,6 +29,11 @@ struct Server {
 impl Server {
     /// Serves `dir/root` as the root and `boot.efi` (a 3000-byte file outside it) by name.
     async fn start(tune: impl FnOnce(&mut TftpConfig)) -> Server {
+        Server::start_with_queue(64, tune).await
+    }
+
+    /// [`Server::start`] with an event queue of `capacity` events.
+    async fn start_with_queue(capacity: usize, tune: impl FnOnce(&mut TftpConfig)) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("root")).unwrap();
         write_file(&dir.path().join("boot.efi"), 3000, 1);
@@ -42,12 +49,13 @@ impl Server {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let (config, config_rx) = watch::channel(Arc::new(config));
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(capacity);
+        let limits = Limits::default();
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(socket, config_rx, Some(events_tx), async move {
+        let task = tokio::spawn(serve(socket, config_rx, Some(events_tx), limits.clone(), async move {
             let _ = stop_rx.await;
         }));
-        Server { addr, dir, config, events, stop: Some(stop), task }
+        Server { addr, dir, config, events, limits, stop: Some(stop), task }
     }
 
     fn root(&self) -> PathBuf {
@@ -74,6 +82,11 @@ impl Server {
                 return event;
             }
         }
+    }
+
+    /// Refusals counted under the limit `name` so far.
+    fn refused(&self, name: &str) -> u64 {
+        self.limits.snapshot().get(name).copied().unwrap_or(0)
     }
 
     async fn stop(mut self) {
@@ -439,7 +452,7 @@ async fn wildcard_server(bind: &str) -> Option<(u16, String, oneshot::Sender<()>
     config.files.named.insert("f".into(), dir.path().join("f"));
     let (_, config) = watch::channel(Arc::new(config));
     let (stop, stop_rx) = oneshot::channel::<()>();
-    tokio::spawn(serve(socket, config, None, async move {
+    tokio::spawn(serve(socket, config, None, Limits::default(), async move {
         let _ = stop_rx.await;
     }));
     Some((port, want, stop, dir))
@@ -523,5 +536,282 @@ async fn throughput() {
     assert!(curl(&server, "big", &out, &["--tftp-blksize", "1468"]).await);
     let secs = start.elapsed().as_secs_f64();
     eprintln!("windowsize 1: {secs:.2} s, {:.1} MB/s (curl)", (30 * MIB) as f64 / secs / 1e6);
+    server.stop().await;
+}
+
+/// Polls `condition` every 5 ms until it holds, for at most `limit`; whether it held.
+async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    Packet::Read(Request { filename: name, mode: Mode::Octet, options: options.to_vec() }).encode()
+}
+
+/// The next datagram on `socket` within `limit`, parsed, with its sender; `None` on silence.
+async fn receive(socket: &UdpSocket, limit: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 65536];
+    let (len, from) = tokio::time::timeout(limit, socket.recv_from(&mut buf)).await.ok()?.unwrap();
+    Some((buf[..len].to_vec(), from))
+}
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|entries| entries.count()).unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+}
+
+/// Threads of this process (the server runs in it).
+fn threads() -> usize {
+    count_entries("/proc/self/task")
+}
+
+fn open_files() -> usize {
+    count_entries("/proc/self/fd")
+}
+
+/// Set in the child process that runs the flood test alone.
+const FLOOD_CHILD: &str = "KILN_TFTP_FLOOD_CHILD";
+
+/// Issue "Boot storms and hostile clients": 2,000 read requests for the BIOS boot file from one address, each asking
+/// `timeout 255` and never acknowledged, left the server at ~515 threads and ~1,040 open files, and a normal
+/// download timed out for minutes. The test runs in a process of its own (this test binary, re-run with a filter),
+/// so /proc/self/task counts this server's threads and no other test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unacknowledged_requests_leaves_the_server_serving() {
+    if std::env::var_os(FLOOD_CHILD).is_some() {
+        return flood().await;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let name = "a_flood_of_unacknowledged_requests_leaves_the_server_serving";
+    let mut command = tokio::process::Command::new(&exe);
+    command.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(FLOOD_CHILD, "1").kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the flood test did not end within 120 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!(
+        "$ {} {name} (in its own process) -> {}\n{stdout}\n{}",
+        exe.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success());
+    assert!(stdout.contains("1 passed"), "the flood test did not run");
+}
+
+async fn flood() {
+    const REQUESTS: usize = 2000;
+    const SOCKETS: usize = 100;
+    const BATCH: usize = 100;
+    let interval = Duration::from_secs(2);
+    let stall = Duration::from_secs(4);
+    let mut server = Server::start(|config| config.stall_limit = stall).await;
+    let max_per_client = TftpConfig::default().max_per_client;
+    let want = server.add("undionly.kpxe", 81_234);
+    let (lines_tx, mut lines) = mpsc::unbounded_channel::<(Instant, String)>();
+    let (stop_reporter, reporter_stop) = oneshot::channel::<()>();
+    let reporter = tokio::spawn(server.limits.clone().report_every(
+        interval,
+        move |line| {
+            let _ = lines_tx.send((Instant::now(), line.to_string()));
+        },
+        async move {
+            let _ = reporter_stop.await;
+        },
+    ));
+
+    // The flooding host: 127.0.0.2, many source ports.
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        sockets.push(UdpSocket::bind("127.0.0.2:0").await.unwrap());
+    }
+    let (threads_before, files_before) = (threads(), open_files());
+    let request = rrq("undionly.kpxe", &[("timeout", "255")]);
+    let start = Instant::now();
+    let (mut max_threads, mut max_files) = (threads_before, files_before);
+    // Sent in batches, each awaited until the server has counted it, so no request is lost in a full socket buffer.
+    for batch in 0..REQUESTS / BATCH {
+        for i in batch * BATCH..(batch + 1) * BATCH {
+            sockets[i % SOCKETS].send_to(&request, server.addr).await.unwrap();
+        }
+        let sent = (batch + 1) * BATCH;
+        let refused = (sent - max_per_client) as u64;
+        let counted = eventually(Duration::from_secs(10), || server.refused("tftp_max_per_client") == refused).await;
+        assert!(
+            counted,
+            "after {sent} requests: {} refused, expected {refused}",
+            server.refused("tftp_max_per_client")
+        );
+        max_threads = max_threads.max(threads());
+        max_files = max_files.max(open_files());
+    }
+    let flood_secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{REQUESTS} requests in {flood_secs:.2} s; threads {threads_before} before, at most {max_threads}; open files \
+         {files_before} before, at most {max_files}"
+    );
+    // One thread, one socket and one file per admitted transfer, nothing per refused request.
+    assert!(max_threads <= threads_before + max_per_client + 2, "threads: {threads_before} -> {max_threads}");
+    assert!(max_files <= files_before + 2 * max_per_client + 4, "open files: {files_before} -> {max_files}");
+    assert_eq!(server.refused("tftp_max_transfers"), 0);
+
+    // Another machine downloads normally, at once.
+    let out = server.dir.path().join("out");
+    let download = Instant::now();
+    assert!(curl(&server, "undionly.kpxe", &out, &["--max-time", "5"]).await);
+    eprintln!("download during the flood: {:.2} s", download.elapsed().as_secs_f64());
+    assert_eq!(sha256_file(&out), want);
+
+    // The refusals are summed up in one line per interval, however many there were.
+    let mut reported = Vec::new();
+    while reported.iter().map(|(_, n)| n).sum::<u64>() < (REQUESTS - max_per_client) as u64 {
+        let (at, line) = tokio::time::timeout(interval * 3, lines.recv())
+            .await
+            .expect("no limit line within three intervals")
+            .unwrap();
+        eprintln!("captured: {line}");
+        let count = line
+            .strip_prefix("kiln serve: limit tftp_max_per_client (8) hit: ")
+            .and_then(|rest| rest.strip_suffix(" requests refused in the last 2 s"))
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        reported.push((at, count.replace(',', "").parse::<u64>().unwrap()));
+    }
+    assert_eq!(reported.iter().map(|(_, n)| n).sum::<u64>(), (REQUESTS - max_per_client) as u64);
+    assert!(reported.len() as f64 <= 1.0 + flood_secs / interval.as_secs_f64(), "{} lines", reported.len());
+    for pair in reported.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= interval * 9 / 10, "two lines within one interval");
+    }
+    if reported.len() == 1 {
+        assert_eq!(reported[0].1, 1992);
+    }
+
+    // The stalled transfers are abandoned at the stall limit, not after the client's 255 s timeouts.
+    let mut stalled = 0;
+    while stalled < max_per_client {
+        match server.outcome().await {
+            TftpEvent::Failed { client, error, .. } => {
+                assert_eq!(client.ip().to_string(), "127.0.0.2");
+                assert!(error.contains("no ACK for block 1 in 4 s"), "{error}");
+                stalled += 1;
+            }
+            TftpEvent::Finished { client, .. } => assert_eq!(client.ip().to_string(), "127.0.0.1"),
+            TftpEvent::Started { .. } => unreachable!(),
+        }
+    }
+    let gone = start.elapsed();
+    eprintln!("stalled transfers gone {:.1} s after the flood began", gone.as_secs_f64());
+    assert!(gone < stall + Duration::from_secs(3), "stalled transfers lasted {gone:?}");
+    assert!(eventually(Duration::from_secs(5), || threads() <= threads_before + 2).await, "threads: {}", threads());
+    // Nothing refused since the last line, so no new line.
+    assert!(lines.try_recv().is_err(), "a limit line without refusals");
+
+    // With its transfers gone, the flooding host is served again.
+    assert!(curl(&server, "undionly.kpxe", &out, &["--max-time", "5", "--interface", "127.0.0.2"]).await);
+    assert_eq!(sha256_file(&out), want);
+    stop_reporter.send(()).unwrap();
+    reporter.await.unwrap();
+    server.stop().await;
+}
+
+/// At `max_transfers`, a request is dropped without an answer (an ERROR would make a PXE ROM give up); the
+/// client's retransmission is served once a place is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_total_limit_requests_wait_for_a_free_place() {
+    let mut server = Server::start(|config| {
+        config.max_transfers = 2;
+        config.timeout = Duration::from_secs(5);
+    })
+    .await;
+    server.add("f", 5000);
+    // Two transfers held open by clients that never acknowledge block 1.
+    let mut holders = Vec::new();
+    for address in ["127.0.0.2:0", "127.0.0.3:0"] {
+        let socket = UdpSocket::bind(address).await.unwrap();
+        socket.send_to(&rrq("f", &[]), server.addr).await.unwrap();
+        let (packet, from) = receive(&socket, Duration::from_secs(5)).await.expect("no DATA for a holder");
+        assert!(matches!(Packet::parse(&packet), Ok(Packet::Data { block: 1, .. })));
+        holders.push((socket, from));
+    }
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(&rrq("f", &[]), server.addr).await.unwrap();
+    assert_eq!(receive(&client, Duration::from_millis(500)).await, None, "a request over the limit was answered");
+    assert_eq!(server.refused("tftp_max_transfers"), 1);
+    assert_eq!(server.refused("tftp_max_per_client"), 0);
+
+    // One holder ends its transfer; the waiting client's retransmissions (every 200 ms, as a client would) get in.
+    let (holder, transfer) = &holders[0];
+    holder.send_to(&Packet::Error { code: ErrorCode::NotDefined, message: "done" }.encode(), *transfer).await.unwrap();
+    assert!(matches!(server.outcome().await, TftpEvent::Failed { error, .. } if error.contains("client sent ERROR 0")));
+    let mut answer = None;
+    for _ in 0..25 {
+        answer = receive(&client, Duration::from_millis(200)).await;
+        if answer.is_some() {
+            break;
+        }
+        client.send_to(&rrq("f", &[]), server.addr).await.unwrap();
+    }
+    let (packet, from) = answer.expect("the retransmitted request was not served within 5 s");
+    assert!(matches!(Packet::parse(&packet), Ok(Packet::Data { block: 1, .. })));
+    client.send_to(&Packet::Error { code: ErrorCode::NotDefined, message: "done" }.encode(), from).await.unwrap();
+    server.stop().await;
+}
+
+/// A client asking for `timeout 255` gets no timeout in the OACK (the server keeps its own), and a transfer whose
+/// client never answers ends at the stall limit however many retries are left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_timeouts_are_refused_and_stalls_end_transfers() {
+    let mut server = Server::start(|config| {
+        config.timeout = Duration::from_millis(200);
+        config.retries = 100;
+        config.stall_limit = Duration::from_secs(2);
+    })
+    .await;
+    server.add("f", 5000);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let start = Instant::now();
+    socket.send_to(&rrq("f", &[("timeout", "255"), ("blksize", "1024")]), server.addr).await.unwrap();
+    let mut copies = 0;
+    while let Some((packet, _)) = receive(&socket, Duration::from_secs(3)).await {
+        assert_eq!(Packet::parse(&packet), Ok(Packet::Oack { options: vec![("blksize", "1024")] }));
+        copies += 1;
+    }
+    // Sent at 0, 0.2, 0.6, 1.4 s with doubling timeouts; given up at 2 s instead of after 100 retries.
+    assert!((3..=5).contains(&copies), "{copies} OACKs");
+    match server.outcome().await {
+        TftpEvent::Failed { error, .. } => assert!(error.contains("no ACK for the OACK in 2 s"), "{error}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(6));
+    // A timeout within the maximum is granted as asked.
+    let report = py_client(&server, "f", &["--timeout", "10"]).await;
+    assert_eq!(report["oack"], serde_json::json!({"timeout": "10"}), "{report}");
+    server.stop().await;
+}
+
+/// Outcomes that find the event queue full are dropped and counted, never queued without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_event_queue_drops_and_counts() {
+    let mut server = Server::start_with_queue(1, |_| {}).await;
+    let want = server.add("f", 20_000);
+    let out = server.dir.path().join("out");
+    for _ in 0..3 {
+        assert!(curl(&server, "f", &out, &[]).await);
+        assert_eq!(sha256_file(&out), want);
+    }
+    // Three transfers, a Started and a Finished each: the first fills the queue, the other five are dropped.
+    assert!(
+        eventually(Duration::from_secs(5), || server.refused("tftp_events") == 5).await,
+        "{} events dropped",
+        server.refused("tftp_events")
+    );
+    assert!(matches!(server.events.recv().await, Some(TftpEvent::Started { size: 20_000, .. })));
+    assert!(server.events.try_recv().is_err());
     server.stop().await;
 }

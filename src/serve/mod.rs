@@ -12,6 +12,7 @@ pub mod dhcp;
 mod dhcp_glue;
 pub mod firmware;
 pub mod http;
+pub mod limits;
 pub mod overlay;
 pub mod run;
 pub mod site;

@@ -110,14 +110,23 @@ async fn serve(
     let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (http_ev_tx, mut http_ev) = mpsc::unbounded_channel::<HttpEvent>();
-    let (tftp_ev_tx, mut tftp_ev) = mpsc::unbounded_channel::<TftpEvent>();
+    let (tftp_ev_tx, mut tftp_ev) = mpsc::channel::<TftpEvent>(1024);
+    let limits = super::limits::Limits::default();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(super::http::serve(http, site_rx.clone(), Some(http_ev_tx), stop_rx.clone()));
     let mut tftp_stop = stop_rx.clone();
-    tasks.spawn(super::tftp::serve(tftp, tftp_rx, Some(tftp_ev_tx), async move {
+    tasks.spawn(super::tftp::serve(tftp, tftp_rx, Some(tftp_ev_tx), limits.clone(), async move {
         let _ = tftp_stop.wait_for(|s| *s).await;
     }));
+    let mut limits_stop = stop_rx.clone();
+    tasks.spawn(async move {
+        let stop = async move {
+            let _ = limits_stop.wait_for(|s| *s).await;
+        };
+        limits.report_every(std::time::Duration::from_secs(10), |line| eprintln!("{line}"), stop).await;
+        Ok(())
+    });
     if let Some(listener) = control {
         tasks.spawn(super::control::serve(listener, state.clone(), stop_rx.clone()));
     }
