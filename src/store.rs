@@ -293,11 +293,32 @@ impl Store {
 
     /// Removes outputs no root points at, and leftovers of interrupted builds. Takes the store
     /// lock exclusively, so it waits for running builds.
-    pub fn gc(self, dry_run: bool) -> Result<GcReport> {
+    ///
+    /// While another process uses the store (a build, `kiln serve`, which keeps the outputs it serves), gc names
+    /// it and fails at once; with `wait` it waits for it to finish instead.
+    pub fn gc(self, dry_run: bool, wait: bool) -> Result<GcReport> {
         let Store { root, _lock } = self;
         drop(_lock);
-        let lock = File::options().write(true).open(root.join("lock"))?;
-        lock.lock().with_context(|| format!("locking {} for gc", root.display()))?;
+        let lock_path = root.join("lock");
+        let lock = File::options().write(true).open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) if wait => {
+                lock.lock().with_context(|| format!("locking {} for gc", root.display()))?
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holders = lock_holders(&lock_path);
+                bail!(
+                    "the store {} is in use by {}: gc would remove outputs from under it; stop it, or run \
+                     `kiln store gc --wait` to wait until it is done",
+                    root.display(),
+                    if holders.is_empty() { "another process".to_string() } else { holders.join(", ") }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {} for gc", root.display()))
+            }
+        }
         let store = Store { root, _lock: lock };
         let rooted: BTreeSet<PathBuf> = store.rooted()?.into_keys().collect();
         let mut report = GcReport::default();
@@ -323,6 +344,37 @@ impl Store {
         }
         Ok(report)
     }
+}
+
+/// The processes that have `lock` open, as `kiln serve (pid 1234)`: read from /proc, so only those this user
+/// may see.
+fn lock_holders(lock: &Path) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let Ok(target) = fs::canonicalize(lock) else { return vec![] };
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == target)) {
+            let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let words: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|w| !w.is_empty())
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect();
+            let name = match words.as_slice() {
+                [exe, sub, ..] if exe.ends_with("kiln") => format!("kiln {sub}"),
+                [exe, ..] => exe.clone(),
+                [] => "a process".to_string(),
+            };
+            out.push(format!("{name} (pid {pid})"));
+        }
+    }
+    out
 }
 
 /// When `file`'s directory has a `manifest.json` listing it (a store output, or the boot files an appliance
@@ -447,11 +499,11 @@ mod tests {
         store.add_root(RootKind::Image, "x", &out).unwrap();
         assert_eq!(store.root(RootKind::Image, "x").unwrap(), out.canonicalize().unwrap());
         assert_eq!(store.root(RootKind::Ipxe, "x"), None);
-        let report = store.gc(true).unwrap();
+        let report = store.gc(true, false).unwrap();
         assert!(report.removed.is_empty());
         let store = Store::open(d.path()).unwrap();
         fs::remove_file(d.path().join("roots/image-x")).unwrap();
-        let report = store.gc(false).unwrap();
+        let report = store.gc(false, false).unwrap();
         assert_eq!(report.removed, vec![out.clone()]);
         assert!(!out.exists());
     }

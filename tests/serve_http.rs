@@ -77,6 +77,8 @@ overlay = "overlay-tiny"
 [server]
 address = "127.0.0.1/8"
 dhcp = "off"
+# The tests fetch overlays from 127.0.0.1, not from each node's own address.
+overlay_allow = ["127.0.0.0/8"]
 
 [server.boot_files]
 bios = "{}"

@@ -33,6 +33,9 @@ pub enum StoreCommand {
         /// Show what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// While another kiln uses the store (kiln serve, a build), wait for it instead of failing.
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         json: bool,
     },
@@ -69,8 +72,8 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
             }
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        StoreCommand::Gc { store, dry_run, json } => {
-            let report = store.open()?.gc(dry_run)?;
+        StoreCommand::Gc { store, dry_run, wait, json } => {
+            let report = store.open()?.gc(dry_run, wait)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
             } else {

@@ -91,9 +91,10 @@ impl LoadedRecipe {
         self.path.with_file_name("kiln.lock")
     }
 
-    /// The directory relative paths in the recipe are relative to.
+    /// The directory relative paths in the recipe are relative to (empty for a recipe in the current
+    /// directory, so paths read as the user wrote them).
     pub fn base_dir(&self) -> &Path {
-        self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+        self.path.parent().unwrap_or(Path::new(""))
     }
 
     /// `path` as the recipe means it: relative paths are relative to the recipe's directory.

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use crate::net::{Ipv4Cidr, Mac, Pool};
+use crate::net::{Ipv4Cidr, Mac, Pool, Subnet};
 
 /// What kind of DHCP service the boot server gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -132,6 +132,30 @@ pub struct ServerRecipe {
     /// Keys put in every node's `/root/.ssh/authorized_keys`.
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
+    /// Networks from which any node's overlay may be fetched, besides each node's own address (its
+    /// reservation or lease): for sites where requests arrive relayed or NATed. Default: none.
+    #[serde(default)]
+    pub overlay_allow: Vec<Subnet>,
+    /// Limits on what clients can make the server hold (docs/serve.md, "Limits"); unset: the defaults.
+    pub http_max_connections: Option<usize>,
+    /// Seconds.
+    pub http_header_timeout: Option<u64>,
+    /// Seconds.
+    pub http_write_timeout: Option<u64>,
+    /// Seconds.
+    pub http_idle_timeout: Option<u64>,
+    pub tftp_max_transfers: Option<usize>,
+    pub tftp_max_per_client: Option<usize>,
+    /// Seconds: the largest `timeout` option a TFTP client is granted.
+    pub tftp_max_timeout: Option<u64>,
+    /// Seconds a TFTP transfer may go without progress.
+    pub tftp_stall_limit: Option<u64>,
+    pub max_discovered: Option<u64>,
+    pub max_events: Option<u64>,
+    /// Boot events waiting to be written; beyond it they are counted and not logged.
+    pub event_queue: Option<usize>,
+    /// Boot log lines printed per second; beyond it they are counted (the state keeps every event).
+    pub log_lines_per_second: Option<u64>,
 }
 
 /// `[profile.NAME]`: settings shared by nodes.

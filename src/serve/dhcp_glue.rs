@@ -37,8 +37,9 @@ pub fn start(
     tasks: &mut tokio::task::JoinSet<Result<()>>,
     site: &watch::Receiver<Arc<Site>>,
     state: Arc<State>,
+    queue: usize,
     stop: watch::Receiver<bool>,
-) -> Result<Option<mpsc::UnboundedReceiver<DhcpEvent>>> {
+) -> Result<Option<mpsc::Receiver<DhcpEvent>>> {
     let current = site.borrow().clone();
     if current.dhcp_mode() == DhcpMode::Off {
         return Ok(None);
@@ -56,7 +57,7 @@ pub fn start(
     });
     let port = current.server.dhcp_port.unwrap_or(67);
     let proxy_port = (current.dhcp_mode() == DhcpMode::Proxy).then_some(4011);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(queue.max(1));
     let mut stop = stop;
     tasks.spawn(dhcp::serve(ctx_rx, state, current.server.interface.clone(), port, proxy_port, Some(tx), async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -7,6 +7,7 @@
 //!   commands ask while the server holds that state;
 //! - [`mod@run`]: starts everything, reloads on SIGHUP, keeps the boot log.
 
+pub mod bootlog;
 pub mod control;
 pub mod dhcp;
 mod dhcp_glue;

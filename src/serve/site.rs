@@ -11,9 +11,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use super::firmware::BootFiles;
+use super::http::HttpLimits;
 use super::overlay;
+use super::state::StateLimits;
 use crate::bundle::{self, Manifest};
-use crate::net::Mac;
+use crate::net::{Mac, Subnet};
 use crate::recipe::{DhcpMode, LoadedRecipe, Node, ServerRecipe, UnknownPolicy};
 use crate::store::{verify_output, RootKind, Store};
 
@@ -39,6 +41,12 @@ pub struct Bundle {
 
 pub struct Site {
     pub server: ServerRecipe,
+    /// What one HTTP client may hold.
+    pub http_limits: HttpLimits,
+    /// Networks from which any overlay may be fetched (`[server] overlay_allow`).
+    pub overlay_allow: Vec<Subnet>,
+    /// Caps on discovered machines and boot events.
+    pub state_limits: StateLimits,
     pub address: Ipv4Addr,
     pub prefix: u8,
     pub http_port: u16,
@@ -105,7 +113,24 @@ impl Site {
                 .with_context(|| format!("{file}: overlay of [node.{}]", n.name))?;
             overlays.insert(n.mac, Arc::new(bytes));
         }
+        let secs =
+            |v: Option<u64>, default: std::time::Duration| v.map(std::time::Duration::from_secs).unwrap_or(default);
+        let http = HttpLimits::default();
+        let http_limits = HttpLimits {
+            max_connections: server.http_max_connections.unwrap_or(http.max_connections),
+            header_timeout: secs(server.http_header_timeout, http.header_timeout),
+            write_timeout: secs(server.http_write_timeout, http.write_timeout),
+            idle_timeout: secs(server.http_idle_timeout, http.idle_timeout),
+        };
+        let state = StateLimits::default();
+        let state_limits = StateLimits {
+            max_discovered: server.max_discovered.unwrap_or(state.max_discovered),
+            max_events: server.max_events.unwrap_or(state.max_events),
+        };
         Ok(Site {
+            http_limits,
+            overlay_allow: server.overlay_allow.clone(),
+            state_limits,
             http_port: server.http_port.unwrap_or(80),
             address: cidr.addr,
             prefix,

@@ -256,7 +256,10 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                 Some(old) if old.ip == ip => old.expires.max(now + OFFER_HOLD_SECS),
                 _ => now + OFFER_HOLD_SECS,
             };
-            persist(book, Lease { mac, ip, expires, hostname: lease_name })?;
+            if let Err(e) = book.hold(Lease { mac, ip, expires, hostname: lease_name }) {
+                warn!(mac = %mac, "not answering: {e:#}");
+                return None;
+            }
             let mut msg = reply_to(request, MessageType::Offer, ctx);
             msg.set_yiaddr(ip);
             add_network(&mut msg, ctx, net, hostname.as_deref(), true);

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 
 use crate::net::Mac;
-use crate::serve::state::{Lease, State};
+use crate::serve::state::{Lease, StagedLease, State};
 
 /// The client-side state of leases, as the decisions see it. [`State`] (through `&State`) keeps it on disk;
 /// [`MemoryLeases`] in memory.
@@ -15,8 +15,11 @@ pub trait LeaseBook {
     fn lease_of(&self, mac: Mac) -> Option<Lease>;
     /// The lease recorded on `ip`, possibly expired.
     fn lease_on(&self, ip: Ipv4Addr) -> Option<Lease>;
-    /// Records `lease`, replacing the MAC's previous one and any other lease on the same address.
+    /// Records `lease` durably (a DHCPACK, RELEASE or DECLINE), replacing the MAC's previous one and any other
+    /// lease on the same address.
     fn put(&mut self, lease: Lease) -> Result<()>;
+    /// Sets `lease` aside without making it durable (a DHCPOFFER's hold on the address).
+    fn hold(&mut self, lease: Lease) -> Result<()>;
     /// Sets `ip` aside until `until` (a client found it in use).
     fn decline(&mut self, ip: Ipv4Addr, until: u64, now: u64) -> Result<()>;
     fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool;
@@ -32,11 +35,45 @@ impl LeaseBook for &State {
     fn put(&mut self, lease: Lease) -> Result<()> {
         self.put_lease(&lease)
     }
+    fn hold(&mut self, lease: Lease) -> Result<()> {
+        self.stage_lease(&lease);
+        Ok(())
+    }
     fn decline(&mut self, ip: Ipv4Addr, until: u64, now: u64) -> Result<()> {
         State::decline(self, ip, until, now)
     }
     fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool {
         State::is_declined(self, ip, now)
+    }
+}
+
+/// The server's book for one batch of requests: every decision sees the leases decided before it at once, and
+/// the durable ones are written together ([`State::commit_leases`]) before any reply of the batch leaves.
+pub struct BatchBook<'a> {
+    pub state: &'a State,
+    pub staged: Vec<StagedLease>,
+}
+
+impl LeaseBook for BatchBook<'_> {
+    fn lease_of(&self, mac: Mac) -> Option<Lease> {
+        self.state.lease(mac).ok().flatten()
+    }
+    fn lease_on(&self, ip: Ipv4Addr) -> Option<Lease> {
+        self.state.lease_on(ip)
+    }
+    fn put(&mut self, lease: Lease) -> Result<()> {
+        self.staged.push(self.state.stage_lease(&lease));
+        Ok(())
+    }
+    fn hold(&mut self, lease: Lease) -> Result<()> {
+        self.state.stage_lease(&lease);
+        Ok(())
+    }
+    fn decline(&mut self, ip: Ipv4Addr, until: u64, now: u64) -> Result<()> {
+        self.state.decline(ip, until, now)
+    }
+    fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool {
+        self.state.is_declined(ip, now)
     }
 }
 
@@ -58,6 +95,9 @@ impl LeaseBook for MemoryLeases {
         self.leases.retain(|mac, l| l.ip != lease.ip || *mac == lease.mac);
         self.leases.insert(lease.mac, lease);
         Ok(())
+    }
+    fn hold(&mut self, lease: Lease) -> Result<()> {
+        self.put(lease)
     }
     fn decline(&mut self, ip: Ipv4Addr, until: u64, _now: u64) -> Result<()> {
         self.declined.insert(ip, until);

@@ -546,7 +546,7 @@ async fn serve_answers_on_the_pxe_port_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(State::open(dir.path()).unwrap());
     let (_ctx_tx, ctx_rx) = watch::channel(Arc::new(context(DhcpMode::Proxy)));
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let (events_tx, mut events_rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(ctx_rx, state.clone(), None, port, Some(pxe_port), Some(events_tx), async {
         let _ = stop_rx.await;
