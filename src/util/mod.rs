@@ -13,5 +13,5 @@ pub use command::{run_command, tail, which};
 pub use digest::{sha256_file, Digest, FileDigest, HashingReader, HashingWriter};
 pub use fsutil::{fsync_dir, mkdir_p, write_atomic};
 pub use progress::{human_size, init_tracing, Progress};
-pub use sys::{is_root, thread_count};
+pub use sys::{is_root, node_binary, thread_count};
 pub use time::{unix_now, utc_time};
