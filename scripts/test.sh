@@ -10,9 +10,14 @@ scripts/setup.sh
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== flake.nix parses"
 nix-instantiate --parse flake.nix >/dev/null
+echo "== kiln-node (static)"
+KILN_NODE=$(PROFILE=dev scripts/build-node.sh)
+export KILN_NODE
 echo "== cargo test"
 # Two test threads: QEMU boots under TCG share the machine's cores.
-cargo test --locked --no-fail-fast -- --test-threads=2
+cargo test --locked --no-fail-fast --workspace -- --test-threads=2

@@ -7,18 +7,18 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bundle::{self, BundleSpec};
+use crate::bundle::{self, BundleSpec, KernelEntry, Manifest, SourceEntry};
 use crate::image::{self, FetchOptions, ResolvedImage, Source};
 use crate::recipe::{LoadedRecipe, Lock, LockedImage};
-use crate::store::{self, Store, FORMAT_VERSION};
-use crate::util::Progress;
+use crate::store::{self, RootKind, Store, FORMAT_VERSION};
+use crate::util::{FileDigest, Progress};
 
 /// What one build produced.
 #[derive(Debug, Serialize)]
 pub struct Built {
     pub name: String,
     pub path: PathBuf,
-    pub manifest: serde_json::Value,
+    pub manifest: Manifest,
     /// True when the store already had it and nothing was built.
     #[serde(skip)]
     pub cached: bool,
@@ -83,8 +83,8 @@ pub fn build_bundle(
     });
     let hash = store::input_hash(&inputs);
     if let Some(path) = store.lookup(&hash, &spec.name) {
-        store.add_root("image", &spec.name, &path)?;
-        let manifest = read_manifest(&path)?;
+        store.add_root(RootKind::Image, &spec.name, &path)?;
+        let manifest = Manifest::read(&path)?;
         return Ok(Built { name: spec.name.clone(), path, manifest, cached: true });
     }
     let exclude = bundle::exclude_set(&spec.exclude)?;
@@ -120,47 +120,39 @@ pub fn build_bundle(
         .any(|d| tree.nodes.contains_key(format!("{d}{}", found.version).as_bytes()));
     drop(tree);
     std::fs::remove_dir_all(&spool).with_context(|| format!("removing {}", spool.display()))?;
-    let manifest = json!({
-        "schema": 1,
-        "kind": "bundle",
-        "name": spec.name,
-        "arch": arch,
-        "kernel": {
-            "file": "kernel",
-            "path": format!("/{}", String::from_utf8_lossy(&found.path)),
-            "version": found.version,
-            "sha256": kernel.sha256,
-            "size": kernel.size,
-            "modules": has_modules,
+    let entry = |sha256: &str, size: u64| FileDigest { sha256: sha256.to_string(), size };
+    let files = [
+        (bundle::manifest::KERNEL.to_string(), kernel.clone()),
+        (bundle::manifest::INITRAMFS.to_string(), entry(&initramfs.sha256, initramfs.size)),
+        (bundle::manifest::IMAGE.to_string(), entry(&image_info.sha256, image_info.size)),
+    ];
+    let manifest = Manifest {
+        schema: bundle::manifest::SCHEMA,
+        kind: "bundle".to_string(),
+        name: spec.name.clone(),
+        arch,
+        kernel: KernelEntry {
+            file: bundle::manifest::KERNEL.to_string(),
+            path: format!("/{}", String::from_utf8_lossy(&found.path)),
+            version: found.version.clone(),
+            sha256: kernel.sha256.clone(),
+            size: kernel.size,
+            modules: has_modules,
         },
-        "initrds": [initramfs, image_info],
-        "cmdline": spec.cmdline,
-        "source": {
-            "reference": reference,
-            "transport": source.transport(),
-            "digest": digest.to_string(),
-        },
-        "recipe_hash": hash,
-        "source_date_epoch": sde,
-        "format": FORMAT_VERSION,
-        "files": {
-            "kernel": { "sha256": kernel.sha256, "size": kernel.size },
-            "initramfs": { "sha256": initramfs.sha256, "size": initramfs.size },
-            "image": { "sha256": image_info.sha256, "size": image_info.size },
-        },
-    });
+        initrds: vec![initramfs, image_info],
+        cmdline: spec.cmdline.clone(),
+        source: SourceEntry { reference, transport: source.transport().to_string(), digest: digest.to_string() },
+        recipe_hash: hash.clone(),
+        source_date_epoch: sde,
+        format: FORMAT_VERSION,
+        files: files.into_iter().collect(),
+    };
     store::write_manifest(pending.dir(), &manifest)?;
     progress.step("committing to the store");
     let path = store.commit(pending, &hash, &spec.name)?;
-    store.add_root("image", &spec.name, &path)?;
+    store.add_root(RootKind::Image, &spec.name, &path)?;
     progress.done(path.display());
     Ok(Built { name: spec.name.clone(), path, manifest, cached: false })
-}
-
-pub fn read_manifest(dir: &std::path::Path) -> Result<serde_json::Value> {
-    let p = dir.join("manifest.json");
-    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", p.display()))
 }
 
 /// Builds `--from SOURCE --name NAME`, outside any recipe.
@@ -181,6 +173,7 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
     if recipe.image.is_empty() {
         bail!("{} declares no [image.NAME] tables: nothing to build", loaded.path.display());
     }
+    let specs = BundleSpec::all(loaded)?;
     let lock_path = loaded.lock_path();
     let mut lock = Lock::load(&lock_path)?;
     let before = toml::to_string(&lock).unwrap_or_default();
@@ -191,8 +184,8 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
             continue;
         }
         let ctx = || format!("{}: [image.{name}]", loaded.path.display());
-        let spec = img.bundle_spec(name).with_context(ctx)?;
-        let mut source = loaded.source(img).with_context(ctx)?;
+        let spec = &specs[name];
+        let mut source = Source::parse(&img.from).with_context(ctx)?.relative_to(loaded.base_dir());
         let mut fetch = opts.fetch.clone();
         if img.arch.is_some() {
             fetch.arch = img.arch.clone();
@@ -218,7 +211,7 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
         if let Some(pinned) = &resolved.pinned {
             lock.image.insert(name.clone(), LockedImage { from: img.from.clone(), pinned: pinned.clone() });
         }
-        let built = build_bundle(store, &spec, resolved, sde, opts.threads).with_context(ctx)?;
+        let built = build_bundle(store, spec, resolved, sde, opts.threads).with_context(ctx)?;
         out.push(built);
     }
     if toml::to_string(&lock).unwrap_or_default() != before {

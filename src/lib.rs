@@ -1,8 +1,12 @@
 //! kiln: stateless bare-metal provisioning.
 //!
 //! Sources (OCI images, rootfs trees) become reproducible boot bundles in a content-addressed
-//! store; the rest of kiln serves them. Each part owns one module; the CLI in [`cli`] is a thin
-//! layer over them.
+//! store; the rest of kiln serves them. Each part owns one module and imports only the parts below
+//! it (docs/architecture.md has the map):
+//!
+//! [`util`], [`net`] (shared pieces) → [`recipe`] (kiln.toml and kiln.lock as plain types) →
+//! [`image`], [`archive`] → [`bundle`] → [`store`] → [`build`], [`ipxe`] → [`serve`] →
+//! [`appliance`] → [`cli`] (clap types and printing) → `main`.
 
 pub mod appliance;
 pub mod archive;
@@ -11,6 +15,7 @@ pub mod bundle;
 pub mod cli;
 pub mod image;
 pub mod ipxe;
+pub mod net;
 pub mod recipe;
 pub mod serve;
 pub mod store;

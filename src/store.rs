@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::util::{fsync_dir, mkdir_p, sha256_file, write_atomic};
+use crate::util::{fsync_dir, mkdir_p, sha256_file, write_atomic, FileDigest};
 
 /// Bumped whenever kiln's outputs would come out different for the same inputs.
 pub const FORMAT_VERSION: u32 = 1;
@@ -50,11 +50,25 @@ impl Drop for Pending {
     }
 }
 
-/// One `files` entry of a manifest.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileEntry {
-    pub sha256: String,
-    pub size: u64,
+/// What a root names: `roots/<kind>-<name>` points at the output last built under that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    /// A bundle built from `[image.NAME]` or `--name`.
+    Image,
+    /// An iPXE build (`[ipxe.NAME]`), and each of its targets.
+    Ipxe,
+    /// An appliance ISO, named after its `[appliance] image`.
+    Appliance,
+}
+
+impl RootKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootKind::Image => "image",
+            RootKind::Ipxe => "ipxe",
+            RootKind::Appliance => "appliance",
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -80,12 +94,42 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
-#[derive(Deserialize)]
-struct ManifestFiles {
+/// What every output's manifest has, whatever its kind: the kind and the `files` map.
+#[derive(Debug, Deserialize)]
+pub struct ManifestFiles {
     #[serde(default)]
-    kind: Option<String>,
+    pub kind: Option<String>,
     #[serde(default)]
-    files: BTreeMap<String, FileEntry>,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+impl ManifestFiles {
+    /// Reads the manifest of the output `dir`.
+    pub fn read(dir: &Path) -> Result<ManifestFiles> {
+        let p = dir.join("manifest.json");
+        let bytes = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid manifest", p.display()))
+    }
+
+    /// The entry of `file`; the error says to verify the store.
+    pub fn file(&self, dir: &Path, file: &str) -> Result<&FileDigest> {
+        self.files.get(file).with_context(|| {
+            format!("{} does not list {file}; run kiln store verify", dir.join("manifest.json").display())
+        })
+    }
+}
+
+/// Where the store is when `--store` and `KILN_STORE` say nothing: `/var/lib/kiln` for root, else
+/// `$XDG_DATA_HOME/kiln` (or `~/.local/share/kiln`).
+pub fn default_root() -> PathBuf {
+    if crate::util::is_root() {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("kiln");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/kiln")
 }
 
 /// The store hash of a canonical JSON value (serde_json's maps are sorted by key).
@@ -110,8 +154,29 @@ impl Store {
         Ok(Store { root: root.to_path_buf(), _lock: lock })
     }
 
-    pub fn root(&self) -> &Path {
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
         &self.root
+    }
+
+    /// Where kiln keeps caches (git checkouts of iPXE, …) beside the store.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    /// Where outputs are written before they are committed.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn root_link(&self, kind: RootKind, name: &str) -> PathBuf {
+        self.root.join("roots").join(format!("{}-{name}", kind.as_str()))
+    }
+
+    /// The output the root `kind`/`name` points at, or `None` when there is no such root (nothing built under
+    /// that name yet, or its output was removed).
+    pub fn root(&self, kind: RootKind, name: &str) -> Option<PathBuf> {
+        fs::canonicalize(self.root_link(kind, name)).ok().filter(|p| p.is_dir())
     }
 
     pub fn path_for(&self, hash: &str, name: &str) -> PathBuf {
@@ -160,10 +225,10 @@ impl Store {
     }
 
     /// Points `roots/<kind>-<name>` at `path` (atomically), so `gc` keeps it.
-    pub fn add_root(&self, kind: &str, name: &str, path: &Path) -> Result<()> {
-        let link = self.root.join("roots").join(format!("{kind}-{name}"));
+    pub fn add_root(&self, kind: RootKind, name: &str, path: &Path) -> Result<()> {
+        let link = self.root_link(kind, name);
         let rel = Path::new("../store").join(path.file_name().context("store path has no name")?);
-        let tmp = self.root.join("roots").join(format!(".{kind}-{name}.tmp-{}", std::process::id()));
+        let tmp = self.root.join("roots").join(format!(".{}-{name}.tmp-{}", kind.as_str(), std::process::id()));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&rel, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
         fs::rename(&tmp, &link).with_context(|| format!("updating {}", link.display()))?;
@@ -228,11 +293,32 @@ impl Store {
 
     /// Removes outputs no root points at, and leftovers of interrupted builds. Takes the store
     /// lock exclusively, so it waits for running builds.
-    pub fn gc(self, dry_run: bool) -> Result<GcReport> {
+    ///
+    /// While another process uses the store (a build, `kiln serve`, which keeps the outputs it serves), gc names
+    /// it and fails at once; with `wait` it waits for it to finish instead.
+    pub fn gc(self, dry_run: bool, wait: bool) -> Result<GcReport> {
         let Store { root, _lock } = self;
         drop(_lock);
-        let lock = File::options().write(true).open(root.join("lock"))?;
-        lock.lock().with_context(|| format!("locking {} for gc", root.display()))?;
+        let lock_path = root.join("lock");
+        let lock = File::options().write(true).open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) if wait => {
+                lock.lock().with_context(|| format!("locking {} for gc", root.display()))?
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holders = lock_holders(&lock_path);
+                bail!(
+                    "the store {} is in use by {}: gc would remove outputs from under it; stop it, or run \
+                     `kiln store gc --wait` to wait until it is done",
+                    root.display(),
+                    if holders.is_empty() { "another process".to_string() } else { holders.join(", ") }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {} for gc", root.display()))
+            }
+        }
         let store = Store { root, _lock: lock };
         let rooted: BTreeSet<PathBuf> = store.rooted()?.into_keys().collect();
         let mut report = GcReport::default();
@@ -260,6 +346,37 @@ impl Store {
     }
 }
 
+/// The processes that have `lock` open, as `kiln serve (pid 1234)`: read from /proc, so only those this user
+/// may see.
+fn lock_holders(lock: &Path) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let Ok(target) = fs::canonicalize(lock) else { return vec![] };
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == target)) {
+            let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let words: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|w| !w.is_empty())
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect();
+            let name = match words.as_slice() {
+                [exe, sub, ..] if exe.ends_with("kiln") => format!("kiln {sub}"),
+                [exe, ..] => exe.clone(),
+                [] => "a process".to_string(),
+            };
+            out.push(format!("{name} (pid {pid})"));
+        }
+    }
+    out
+}
+
 /// When `file`'s directory has a `manifest.json` listing it (a store output, or the boot files an appliance
 /// carries), checks the file against it.
 pub fn verify_listed(file: &Path) -> Result<()> {
@@ -269,7 +386,7 @@ pub fn verify_listed(file: &Path) -> Result<()> {
         .with_context(|| format!("{}: not a valid manifest", dir.join("manifest.json").display()))?;
     let Some(want) = listed.files.get(&*name.to_string_lossy()) else { return Ok(()) };
     let (digest, size) = sha256_file(file)?;
-    if digest.hex() != want.sha256 || size != want.size {
+    if !want.matches(&digest, size) {
         bail!(
             "{}: content changed: sha256 {} ({size} bytes), {} says {} ({} bytes)",
             file.display(),
@@ -304,7 +421,7 @@ pub fn verify_output(dir: &Path) -> Vec<Problem> {
         let p = dir.join(name);
         match sha256_file(&p) {
             Ok((digest, size)) => {
-                if size != want.size || digest.hex() != want.sha256 {
+                if !want.matches(&digest, size) {
                     problem(
                         p,
                         format!(
@@ -334,12 +451,14 @@ fn dir_size(p: &Path) -> u64 {
     fs::read_dir(p).map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
-/// Writes an output's manifest: canonical JSON (sorted keys), pretty-printed, newline-ended.
-pub fn write_manifest(dir: &Path, manifest: &serde_json::Value) -> Result<()> {
+/// Writes an output's manifest: canonical JSON (sorted keys, whatever the order of a struct's fields),
+/// pretty-printed, newline-ended.
+pub fn write_manifest(dir: &Path, manifest: &impl Serialize) -> Result<()> {
+    let manifest = serde_json::to_value(manifest).context("internal: encoding a manifest")?;
     if !manifest.is_object() {
         bail!("internal: a manifest must be a JSON object");
     }
-    let mut bytes = serde_json::to_vec_pretty(manifest)?;
+    let mut bytes = serde_json::to_vec_pretty(&manifest)?;
     bytes.push(b'\n');
     write_atomic(&dir.join("manifest.json"), &bytes)
 }
@@ -377,12 +496,14 @@ mod tests {
         drop(abandoned);
         assert_eq!(store.list().unwrap().len(), 1);
 
-        store.add_root("image", "x", &out).unwrap();
-        let report = store.gc(true).unwrap();
+        store.add_root(RootKind::Image, "x", &out).unwrap();
+        assert_eq!(store.root(RootKind::Image, "x").unwrap(), out.canonicalize().unwrap());
+        assert_eq!(store.root(RootKind::Ipxe, "x"), None);
+        let report = store.gc(true, false).unwrap();
         assert!(report.removed.is_empty());
         let store = Store::open(d.path()).unwrap();
         fs::remove_file(d.path().join("roots/image-x")).unwrap();
-        let report = store.gc(false).unwrap();
+        let report = store.gc(false, false).unwrap();
         assert_eq!(report.removed, vec![out.clone()]);
         assert!(!out.exists());
     }

@@ -16,8 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln::serve::dhcp::{self, BootFiles, DhcpContext, DhcpMode, Reservation, UnknownPolicy};
-use kiln::serve::state::{parse_mac, State};
+use kiln::net::Mac;
+use kiln::recipe::{DhcpMode, UnknownPolicy};
+use kiln::serve::dhcp::{self, DhcpContext, Reservation};
+use kiln::serve::firmware::BootFiles;
+use kiln::serve::state::State;
 
 const SERVER_ENV: &str = "KILN_DHCP_TEST_SERVER";
 const SERVER_IF: &str = "veth-s";
@@ -34,15 +37,15 @@ fn context() -> DhcpContext {
     ctx.dns = vec![Ipv4Addr::new(10, 213, 0, 1)];
     ctx.domain = Some("test.kiln".into());
     ctx.lease_secs = 600;
-    let node = parse_mac(NODE_MAC).unwrap();
+    let node: Mac = NODE_MAC.parse().unwrap();
     ctx.reservations.insert(node, Reservation { ip: Ipv4Addr::new(10, 213, 0, 11), hostname: Some("n001".into()) });
     ctx.known.insert(node);
     ctx.pool = Some("10.213.0.100-10.213.0.110".parse().unwrap());
-    ctx.boot_files = BootFiles {
-        bios: Some("undionly.kpxe".into()),
-        efi_x64: Some("snponly.efi".into()),
-        efi_arm64: Some("arm64/snponly.efi".into()),
-    };
+    ctx.boot_files = BootFiles::from_paths(
+        Some("/srv/undionly.kpxe".into()),
+        Some("/srv/snponly.efi".into()),
+        Some("/srv/arm64/snponly.efi".into()),
+    );
     ctx.unknown = UnknownPolicy::Record;
     ctx
 }
@@ -292,7 +295,7 @@ fn udhcpc_gets_leases_and_boot_files_and_keeps_them_across_a_restart() {
     lab.stop_server();
     {
         let state = State::open(&lab.state_dir()).unwrap();
-        let (stranger, stranger_2) = (parse_mac(STRANGER_MAC).unwrap(), parse_mac(STRANGER_2_MAC).unwrap());
+        let (stranger, stranger_2) = (STRANGER_MAC.parse::<Mac>().unwrap(), STRANGER_2_MAC.parse::<Mac>().unwrap());
         let mut found = state.discovered().unwrap();
         found.sort_by_key(|d| d.mac);
         assert_eq!(found.iter().map(|d| d.mac).collect::<Vec<_>>(), [stranger_2, stranger]);

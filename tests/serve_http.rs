@@ -77,6 +77,8 @@ overlay = "overlay-tiny"
 [server]
 address = "127.0.0.1/8"
 dhcp = "off"
+# The tests fetch overlays from 127.0.0.1, not from each node's own address.
+overlay_allow = ["127.0.0.0/8"]
 
 [server.boot_files]
 bios = "{}"
@@ -213,6 +215,20 @@ fn http_and_tftp_serve_the_site_to_real_clients() {
     let log = fs::read_to_string(&srv.log).unwrap();
     assert!(log.contains("n001 blob tiny/image"), "{log}");
     let err = kiln_err(d, &store, &["node", "events", "--mac", "n999"]);
+    assert!(err.contains("neither a MAC address nor a node"), "{err}");
+
+    // One MAC parser everywhere: the spellings the recipe accepts name the same machine on the command line
+    // (`--mac 525400000001` was refused before) and in URLs.
+    let by_name = kiln_ok(d, &store, &["node", "events", "--mac", "n001", "--json", "--limit", "5"]);
+    for spelling in ["52:54:00:00:00:01", "52-54-00-00-00-01", "525400000001", "5254.0000.0001"] {
+        let got = kiln_ok(d, &store, &["node", "events", "--mac", spelling, "--json", "--limit", "5"]);
+        assert_eq!(got, by_name, "--mac {spelling}");
+    }
+    let script = curl(&format!("'{}'", srv.url("/ipxe/52:54:00:00:00:01")));
+    for spelling in ["525400000001", "52-54-00-00-00-01"] {
+        assert_eq!(curl(&format!("'{}'", srv.url(&format!("/ipxe/{spelling}")))), script, "/ipxe/{spelling}");
+    }
+    let err = kiln_err(d, &store, &["node", "events", "--mac", "52:54:00:00:00"]);
     assert!(err.contains("neither a MAC address nor a node"), "{err}");
 }
 

@@ -51,7 +51,7 @@ impl Tools {
             ("mcopy", "mtools"),
             ("mmd", "mtools"),
         ] {
-            if super::which(tool).is_none() {
+            if crate::util::which(tool, None).is_none() {
                 bail!("{tool} not found: install the Debian package {package} (scripts/setup.sh)");
             }
         }

@@ -14,21 +14,19 @@ pub mod iso;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use serde::Deserialize;
 use serde_json::json;
 
-use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
+use crate::archive::{Compression, Compressor, NewcTree};
 use crate::build::{self, BuildOptions};
-use crate::cli::StoreArg;
+use crate::bundle::manifest::{IMAGE, INITRAMFS, KERNEL};
 use crate::recipe::LoadedRecipe;
-use crate::serve::config::{resolve_nodes, Unknown};
-use crate::store::{input_hash, verify_output, write_manifest, Store, FORMAT_VERSION};
+use crate::recipe::{DhcpMode, UnknownPolicy};
+use crate::store::{input_hash, verify_output, write_manifest, RootKind, Store, FORMAT_VERSION};
 use crate::util::{sha256_file, HashingWriter, Progress};
 
 /// Bumped whenever the way kiln lays out the appliance changes its output.
@@ -96,56 +94,11 @@ const STORAGE_MODULES: &[&str] = &[
 /// How long, in seconds after the storage drivers load, the appliance looks for KILN-DATA.
 const DATA_WAIT_SECS: u32 = 5;
 
-/// The `[appliance]` table of the recipe.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ApplianceRecipe {
-    /// The `[image.*]` whose OS runs kiln serve (needs a kernel and its modules).
-    pub image: String,
-    /// Images to carry besides those the nodes reference.
-    #[serde(default)]
-    pub images: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct ApplianceArgs {
-    /// The recipe: its [appliance], [server], nodes and images.
-    #[arg(long, short = 'f', default_value = "kiln.toml")]
-    pub recipe: PathBuf,
-    #[command(flatten)]
-    pub store: StoreArg,
-    /// Also copy the ISO to this file.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Print {"path","size","sha256"} as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Refuse to resolve anything kiln.lock does not pin.
-    #[arg(long)]
-    pub locked: bool,
-}
-
 /// What an appliance build produced.
 pub struct BuiltIso {
     pub path: PathBuf,
     pub size: u64,
     pub sha256: String,
-}
-
-pub fn run(args: ApplianceArgs) -> Result<ExitCode> {
-    let store = args.store.open()?;
-    let loaded = LoadedRecipe::load(&args.recipe)?;
-    let opts = BuildOptions { locked: args.locked, threads: crate::util::thread_count(), ..Default::default() };
-    let built = build(&store, &loaded, &opts)?;
-    if let Some(out) = &args.out {
-        fs::copy(&built.path, out).with_context(|| format!("copying the ISO to {}", out.display()))?;
-    }
-    if args.json {
-        println!("{}", json!({"path": built.path, "size": built.size, "sha256": built.sha256}));
-    } else {
-        println!("{}", built.path.display());
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Builds the bundles the appliance needs, then its ISO, into the store.
@@ -161,11 +114,11 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     let cidr = server.address.with_context(|| {
         format!("{file}: [server] needs `address` (e.g. \"10.4.0.1/24\"): the appliance sets it on its interface")
     })?;
-    let nodes = resolve_nodes(&server, &recipe.profile, &recipe.node).with_context(|| file.clone())?;
+    let nodes = loaded.nodes()?;
     // Who asks for each image, so a missing [image.*] is reported where it is referenced.
     let mut uses: Vec<(String, String)> =
         nodes.iter().map(|n| (n.image.clone(), format!("[node.{}]", n.name))).collect();
-    if let Unknown::Boot(img) = &server.unknown {
+    if let UnknownPolicy::Boot(img) = &server.unknown {
         uses.push((img.clone(), format!("[server] unknown = \"boot:{img}\"")));
     }
     uses.extend(app.images.iter().map(|img| (img.clone(), "[appliance] images".to_string())));
@@ -191,9 +144,9 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     let by_name: BTreeMap<&str, &build::Built> = built.iter().map(|b| (b.name.as_str(), b)).collect();
     let appliance = by_name[app.image.as_str()];
     let mut progress = Progress::new("appliance");
-    let sde = appliance.manifest["source_date_epoch"].as_i64().unwrap_or(0);
+    let sde = appliance.manifest.source_date_epoch;
 
-    let mut tree = ArchiveTree::default();
+    let mut tree = NewcTree::default();
     // The store subset: each served bundle, checked against its manifest.
     for name in &served {
         let b = by_name[name.as_str()];
@@ -202,7 +155,7 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
             bail!("{}: {} (rebuild it with `kiln build`)", p.path.display(), p.problem);
         }
         let dir_name = b.path.file_name().context("a store path has a name")?.to_string_lossy().into_owned();
-        tree.add_dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &b.path)?;
+        tree.dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &b.path)?;
         tree.symlink(&format!("{APPLIANCE_STORE}/roots/image-{name}"), &format!("../store/{dir_name}"));
     }
     // The recipe as the appliance reads it: no [appliance], boot files and iPXE from the carried store.
@@ -230,12 +183,11 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
             }
         }
         if let Some(ipxe) = srv.get("ipxe").and_then(|v| v.as_str()) {
-            let root = store.root().join("roots").join(format!("ipxe-{ipxe}"));
-            let dir = fs::canonicalize(&root).with_context(|| {
+            let dir = store.root(RootKind::Ipxe, ipxe).with_context(|| {
                 format!("{file}: [server] ipxe = {ipxe:?} has not been built: run `kiln build-ipxe`")
             })?;
             let dir_name = dir.file_name().context("a store path has a name")?.to_string_lossy().into_owned();
-            tree.add_dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &dir)?;
+            tree.dir_files(&format!("{APPLIANCE_STORE}/store/{dir_name}"), &dir)?;
             tree.symlink(&format!("{APPLIANCE_STORE}/roots/ipxe-{ipxe}"), &format!("../store/{dir_name}"));
         }
     }
@@ -269,12 +221,13 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
         let real = fs::canonicalize(&lib).with_context(|| format!("reading {}", lib.display()))?;
         tree.file(&format!("kiln/lib/{name}"), &real, 0o755)?;
     }
-    let busybox = which("busybox").context("busybox not found: install busybox-static (scripts/setup.sh)")?;
+    let busybox =
+        crate::util::which("busybox", None).context("busybox not found: install busybox-static (scripts/setup.sh)")?;
     tree.file("kiln/busybox", &busybox, 0o755)?;
     let env = [
         ("KILN_VERSION", env!("CARGO_PKG_VERSION").to_string()),
         ("KILN_ADDRESS", format!("{}/{}", cidr.addr, cidr.prefix.unwrap_or(24))),
-        ("KILN_DHCP", server.dhcp.unwrap_or(crate::serve::config::DhcpMode::Full).to_string()),
+        ("KILN_DHCP", server.dhcp.unwrap_or(DhcpMode::Full).to_string()),
         ("KILN_INTERFACE", server.interface.clone().unwrap_or_default()),
         ("KILN_NET_MODULES", NET_MODULES.join(" ")),
         ("KILN_STORAGE_MODULES", STORAGE_MODULES.join(" ")),
@@ -288,14 +241,14 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
 
     let work = tempfile::Builder::new()
         .prefix("appliance-work-")
-        .tempdir_in(store.root().join("tmp"))
+        .tempdir_in(store.tmp_dir())
         .context("creating a work directory in the store")?;
-    progress.step(format!("writing the appliance archive ({} entries)", tree.entries.len()));
+    progress.step(format!("writing the appliance archive ({} entries)", tree.len()));
     let archive = work.path().join("appliance.cpio.gz");
-    let archive_sha = tree.write(&archive, sde)?;
+    let archive_sha = write_archive(&tree, &archive, sde)?;
 
     let bundle_manifest = &appliance.manifest;
-    let cmdline = format!("{} kiln.init=/kiln/appliance-init", bundle_manifest["cmdline"].as_str().unwrap_or_default());
+    let cmdline = format!("{} kiln.init=/kiln/appliance-init", bundle_manifest.cmdline);
     let payload = iso::Payload {
         kernel: appliance.path.join("kernel"),
         initrds: vec![appliance.path.join("initramfs"), appliance.path.join("image"), archive.clone()],
@@ -307,9 +260,9 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
         "kind": "appliance",
         "format": FORMAT_VERSION,
         "appliance_format": APPLIANCE_FORMAT,
-        "kernel": bundle_manifest["files"]["kernel"]["sha256"],
-        "initramfs": bundle_manifest["files"]["initramfs"]["sha256"],
-        "image": bundle_manifest["files"]["image"]["sha256"],
+        "kernel": bundle_manifest.file(KERNEL)?.sha256,
+        "initramfs": bundle_manifest.file(INITRAMFS)?.sha256,
+        "image": bundle_manifest.file(IMAGE)?.sha256,
         "appliance_archive": archive_sha,
         "cmdline": cmdline,
         "source_date_epoch": sde,
@@ -341,7 +294,7 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
             store.commit(pending, &hash, &name)?
         }
     };
-    store.add_root("appliance", &app.image, &out_dir)?;
+    store.add_root(RootKind::Appliance, &app.image, &out_dir)?;
     let path = out_dir.join("appliance.iso");
     let (digest, size) = sha256_file(&path)?;
     progress.done(path.display());
@@ -373,109 +326,16 @@ fn linked_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
-pub(crate) fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
-}
-
-enum Member {
-    Dir,
-    File(PathBuf, u32),
-    Bytes(Vec<u8>, u32),
-    Symlink(String),
-}
-
-/// The appliance archive's members, by path (so written in bytewise order, parents first).
-#[derive(Default)]
-struct ArchiveTree {
-    entries: BTreeMap<String, Member>,
-}
-
-impl ArchiveTree {
-    fn parents(&mut self, path: &str) {
-        let mut p = path;
-        while let Some((parent, _)) = p.rsplit_once('/') {
-            self.entries.entry(parent.to_string()).or_insert(Member::Dir);
-            p = parent;
-        }
-    }
-
-    fn file(&mut self, path: &str, host: &Path, mode: u32) -> Result<()> {
-        if !host.is_file() {
-            bail!("{} does not exist or is not a file", host.display());
-        }
-        self.parents(path);
-        self.entries.insert(path.to_string(), Member::File(host.to_path_buf(), mode));
-        Ok(())
-    }
-
-    fn bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
-        self.parents(path);
-        self.entries.insert(path.to_string(), Member::Bytes(data, mode));
-    }
-
-    fn symlink(&mut self, path: &str, target: &str) {
-        self.parents(path);
-        self.entries.insert(path.to_string(), Member::Symlink(target.to_string()));
-    }
-
-    /// The regular files directly in `dir` (a store output is flat).
-    fn add_dir_files(&mut self, path: &str, dir: &Path) -> Result<()> {
-        let mut names = Vec::new();
-        for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let e = e?;
-            if e.file_type()?.is_file() {
-                names.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-        self.parents(&format!("{path}/x"));
-        for n in names {
-            self.file(&format!("{path}/{n}"), &dir.join(&n), 0o644)?;
-        }
-        Ok(())
-    }
-
-    /// Writes a gzip newc archive; returns its sha256.
-    fn write(&self, out: &Path, sde: i64) -> Result<String> {
-        let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let comp = Compressor::new(HashingWriter::new(f), Compression::Gzip, 6, 1)?;
-        let mut cpio = CpioWriter::new(BufWriter::with_capacity(1 << 20, comp));
-        let mtime = sde.clamp(0, u32::MAX as i64) as u32;
-        for (ino, (name, member)) in self.entries.iter().enumerate() {
-            let mut e = CpioEntry { name: name.as_bytes(), ino: ino as u32 + 1, nlink: 1, mtime, ..Default::default() };
-            match member {
-                Member::Dir => {
-                    e.mode = libc::S_IFDIR | 0o755;
-                    e.nlink = 2;
-                    cpio.write_entry(&e, None)?;
-                }
-                Member::File(host, mode) => {
-                    let mut data = File::open(host).with_context(|| format!("reading {}", host.display()))?;
-                    e.mode = libc::S_IFREG | mode;
-                    e.size = data.metadata()?.len();
-                    let mut limited = (&mut data).take(e.size);
-                    cpio.write_entry(&e, Some(&mut limited))
-                        .with_context(|| format!("archiving {}", host.display()))?;
-                }
-                Member::Bytes(data, mode) => {
-                    e.mode = libc::S_IFREG | mode;
-                    e.size = data.len() as u64;
-                    cpio.write_entry(&e, Some(&mut &data[..]))?;
-                }
-                Member::Symlink(target) => {
-                    e.mode = libc::S_IFLNK | 0o777;
-                    e.size = target.len() as u64;
-                    cpio.write_entry(&e, Some(&mut target.as_bytes()))?;
-                }
-            }
-        }
-        let (buf, _) = cpio.finish()?;
-        let comp = buf.into_inner().map_err(|e| e.into_error())?;
-        let hashing = comp.finish().with_context(|| format!("writing {}", out.display()))?;
-        let (f, digest, _) = hashing.finish();
-        f.sync_all()?;
-        Ok(digest.hex())
-    }
+/// Writes the appliance archive, gzip-compressed; returns its sha256.
+fn write_archive(tree: &NewcTree, out: &Path, sde: i64) -> Result<String> {
+    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let comp = Compressor::new(HashingWriter::new(f), Compression::Gzip, 6, 1)?;
+    let (buf, _) = tree.write(BufWriter::with_capacity(1 << 20, comp), sde.clamp(0, u32::MAX as i64) as u32)?;
+    let comp = buf.into_inner().map_err(|e| e.into_error())?;
+    let hashing = comp.finish().with_context(|| format!("writing {}", out.display()))?;
+    let (f, digest, _) = hashing.finish();
+    f.sync_all()?;
+    Ok(digest.hex())
 }
 
 #[cfg(test)]

@@ -6,9 +6,12 @@
 //! clamped mtimes, renumbered inodes and sorted names. newc stores sizes in 32 bits: a file of
 //! 4 GiB or more cannot be represented and is refused by name rather than truncated. Extended
 //! attributes (file capabilities, SELinux labels) have no place in newc and are not carried.
+//! [`NewcTree`] assembles small archives (initramfs, overlays, the appliance's) in memory.
 
 mod compress;
 mod cpio;
+mod tree;
 
 pub use compress::{Compression, Compressor};
 pub use cpio::{CpioEntry, CpioWriter, NEWC_MAX_FILE_SIZE};
+pub use tree::NewcTree;

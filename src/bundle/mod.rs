@@ -1,26 +1,30 @@
 //! Boot bundles: kernel discovery, the init shim, the `image` and `initramfs` archives, and the
-//! manifest.
+//! manifest ([`Manifest`]).
 //!
 //! A bundle directory holds `kernel`, `initramfs`, `image` and `manifest.json`. A node boots
 //! `kernel` with `initramfs` then `image` as initrds; the kernel unpacks both into one rootfs
 //! (concatenating the two files works too) and runs `/init`, the shim in [`INIT_SHIM`].
 
 pub mod kernel;
+pub mod manifest;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
+use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter, NewcTree};
 use crate::image::tree::{group_sizes, show, Kind, Tree};
-use crate::util::{Digest, HashingWriter};
+use crate::image::Source;
+use crate::recipe::{ImageRecipe, LoadedRecipe};
+use crate::util::{Digest, FileDigest, HashingWriter};
 
 pub use kernel::{FoundKernel, KernelSpec};
+pub use manifest::{KernelEntry, Manifest, SourceEntry};
 
 /// The `/init` kiln puts in front of every image.
 ///
@@ -71,15 +75,41 @@ pub struct BundleSpec {
 
 pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
 
-/// A file written into a bundle.
-#[derive(Debug, Clone, Serialize)]
-pub struct FileInfo {
-    pub sha256: String,
-    pub size: u64,
+impl BundleSpec {
+    /// The bundle `[image.NAME]` describes; errors name the field.
+    pub fn from_recipe(name: &str, img: &ImageRecipe) -> Result<BundleSpec> {
+        Source::parse(&img.from).context("field `from`")?;
+        let compression = match &img.compression {
+            Some(c) => Compression::parse(c).context("field `compression`")?,
+            None => Compression::Zstd,
+        };
+        let level = img.level.unwrap_or_else(|| compression.default_level());
+        compression.check_level(level).context("field `level`")?;
+        exclude_set(&img.exclude).context("field `exclude`")?;
+        Ok(BundleSpec {
+            name: name.to_string(),
+            kernel: KernelSpec::parse(img.kernel.as_deref().unwrap_or("auto")),
+            cmdline: img.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            compression,
+            level,
+            exclude: img.exclude.clone(),
+        })
+    }
+
+    /// Every `[image.NAME]` of a recipe, checked; an error names the file and the table.
+    pub fn all(loaded: &LoadedRecipe) -> Result<BTreeMap<String, BundleSpec>> {
+        let mut out = BTreeMap::new();
+        for (name, img) in &loaded.recipe.image {
+            let spec = BundleSpec::from_recipe(name, img)
+                .with_context(|| format!("{}: [image.{name}]", loaded.path.display()))?;
+            out.insert(name.clone(), spec);
+        }
+        Ok(out)
+    }
 }
 
 /// Numbers about a written archive.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveInfo {
     pub file: String,
     pub sha256: String,
@@ -216,6 +246,18 @@ fn finish_archive(
     entries: u64,
 ) -> Result<ArchiveInfo> {
     let (buf, uncompressed_size) = cpio.finish()?;
+    finish_compressed(buf, uncompressed_size, out, file_name, compression, level, entries)
+}
+
+fn finish_compressed(
+    buf: BufWriter<Compressor<HashingWriter<File>>>,
+    uncompressed_size: u64,
+    out: &Path,
+    file_name: &str,
+    compression: Compression,
+    level: i32,
+    entries: u64,
+) -> Result<ArchiveInfo> {
     let comp = buf.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", out.display()))?;
     let hashing = comp.finish().with_context(|| format!("writing {}", out.display()))?;
     let (f, digest, size) = hashing.finish();
@@ -234,47 +276,20 @@ fn finish_archive(
 /// Writes kiln's initramfs: `/init` (the shim) and the device nodes the kernel needs to give
 /// it a console before `/dev` is mounted.
 pub fn write_initramfs(sde: i64, compression: Compression, level: i32, out: &Path) -> Result<ArchiveInfo> {
+    let mut tree = NewcTree::default();
+    tree.dir(".", 0o755);
+    tree.dir("dev", 0o755);
+    tree.char_device("dev/console", 0o600, 5, 1);
+    tree.char_device("dev/null", 0o666, 1, 3);
+    tree.bytes("init", INIT_SHIM, 0o755);
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let comp = Compressor::new(HashingWriter::new(f), compression, level, 1)?;
-    let mut cpio = CpioWriter::new(BufWriter::new(comp));
-    let mtime = sde.clamp(0, u32::MAX as i64) as u32;
-    let dir = |name: &'static [u8], ino| CpioEntry {
-        name,
-        ino,
-        mode: libc::S_IFDIR | 0o755,
-        nlink: 2,
-        mtime,
-        ..Default::default()
-    };
-    let chr = |name: &'static [u8], ino, perm, major, minor| CpioEntry {
-        name,
-        ino,
-        mode: libc::S_IFCHR | perm,
-        nlink: 1,
-        mtime,
-        rdev_major: major,
-        rdev_minor: minor,
-        ..Default::default()
-    };
-    cpio.write_entry(&dir(b".", 1), None)?;
-    cpio.write_entry(&dir(b"dev", 2), None)?;
-    cpio.write_entry(&chr(b"dev/console", 3, 0o600, 5, 1), None)?;
-    cpio.write_entry(&chr(b"dev/null", 4, 0o666, 1, 3), None)?;
-    let init = CpioEntry {
-        name: b"init",
-        ino: 5,
-        mode: libc::S_IFREG | 0o755,
-        nlink: 1,
-        mtime,
-        size: INIT_SHIM.len() as u64,
-        ..Default::default()
-    };
-    cpio.write_entry(&init, Some(&mut INIT_SHIM.as_bytes()))?;
-    finish_archive(cpio, out, "initramfs", compression, level, 6)
+    let (buf, uncompressed_size) = tree.write(BufWriter::new(comp), sde.clamp(0, u32::MAX as i64) as u32)?;
+    finish_compressed(buf, uncompressed_size, out, "initramfs", compression, level, tree.len() as u64 + 1)
 }
 
 /// Copies the kernel out of the tree into `out`, checking it looks like a kernel for `arch`.
-pub fn write_kernel(tree: &Tree, found: &FoundKernel, arch: &str, out: &Path) -> Result<FileInfo> {
+pub fn write_kernel(tree: &Tree, found: &FoundKernel, arch: &str, out: &Path) -> Result<FileDigest> {
     let node = tree.nodes.get(&found.path).context("internal: kernel vanished from the tree")?;
     let mut data = tree.open_data(&found.path, node)?;
     let mut head = vec![0u8; 1024];
@@ -293,7 +308,7 @@ pub fn write_kernel(tree: &Tree, found: &FoundKernel, arch: &str, out: &Path) ->
             bail!("the kernel /{} is truncated in the image", show(&found.path));
         }
     }
-    Ok(FileInfo { sha256: digest.hex(), size })
+    Ok(FileDigest { sha256: digest.hex(), size })
 }
 
 fn read_up_to(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
@@ -325,6 +340,33 @@ mod tests {
         assert!(set.is_match("/usr/share/doc/bash"));
         assert!(!set.is_match("/usr/share/doc/bash/copyright"));
         assert!(exclude_set(&["/a/[".into()]).unwrap_err().to_string().contains("not a valid glob"));
+    }
+
+    #[test]
+    fn recipe_values_name_the_field() {
+        let r = crate::recipe::parse("[image.c]\nfrom = \"oci:x\"\ncompression = \"xz\"\n").unwrap();
+        let err = format!("{:#}", BundleSpec::from_recipe("c", &r.image["c"]).unwrap_err());
+        assert!(err.contains("field `compression`"), "{err}");
+        let r = crate::recipe::parse("[image.c]\nfrom = \"ftp:x\"\n").unwrap();
+        let err = format!("{:#}", BundleSpec::from_recipe("c", &r.image["c"]).unwrap_err());
+        assert!(err.contains("field `from`") && err.contains("unknown transport"), "{err}");
+        let r = crate::recipe::parse("[image.c]\nfrom = \"oci:x\"\nlevel = 3\nkernel = \"auto\"\n").unwrap();
+        let spec = BundleSpec::from_recipe("c", &r.image["c"]).unwrap();
+        assert_eq!((spec.level, spec.kernel), (3, KernelSpec::Auto));
+    }
+
+    #[test]
+    fn initramfs_is_the_shim_and_two_devices() {
+        let d = tempfile::tempdir().unwrap();
+        let info = write_initramfs(1_700_000_000, Compression::None, 0, &d.path().join("initramfs")).unwrap();
+        assert_eq!(info.entries, 6);
+        let bytes = std::fs::read(d.path().join("initramfs")).unwrap();
+        assert_eq!(info.sha256, Digest::of_bytes(&bytes).hex());
+        let text = String::from_utf8_lossy(&bytes);
+        for name in [".\0", "dev\0", "dev/console\0", "dev/null\0", "init\0", "TRAILER!!!\0"] {
+            assert!(text.contains(name), "{name:?} missing");
+        }
+        assert!(text.contains(INIT_SHIM));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `docker-archive:FILE`, `dir:PATH` and `tar:FILE` (a plain rootfs, optionally compressed).
 //!
 //! Resolving an image ([`resolve`]) reads only its manifest and config, so a build whose
-//! output is already in the store costs almost nothing. [`tree::Tree::build`] then reads each
+//! output is already in the store costs almost nothing. [`tree::Tree::from_layers`] then reads each
 //! layer once, in parallel, verifying its digest as it goes, and merges them in order with OCI
 //! whiteouts (image-spec `layer.md`). Nothing is unpacked to disk: a compressed layer is
 //! decompressed once into an unnamed spool file, and file contents are later read from there by
@@ -48,6 +48,19 @@ pub enum Source {
 pub const TRANSPORTS: &str = "docker://, oci:, oci-archive:, docker-archive:, dir: or tar:";
 
 impl Source {
+    /// This source with a relative local path made relative to `base` (a recipe's directory).
+    pub fn relative_to(self, base: &Path) -> Source {
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        match self {
+            Source::Oci { dir, tag } => Source::Oci { dir: rel(dir), tag },
+            Source::OciArchive(p) => Source::OciArchive(rel(p)),
+            Source::DockerArchive(p) => Source::DockerArchive(rel(p)),
+            Source::Dir(p) => Source::Dir(rel(p)),
+            Source::Tar(p) => Source::Tar(rel(p)),
+            s @ Source::Docker(_) => s,
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         let nonempty = |rest: &str, what: &str| -> Result<()> {
             if rest.is_empty() {

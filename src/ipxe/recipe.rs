@@ -1,54 +1,27 @@
-//! `[ipxe.NAME]` tables of kiln.toml, parsed into a [`BuildSpec`].
+//! `[ipxe.NAME]` tables of kiln.toml: each parsed into a [`BuildSpec`], and built with its git revision
+//! pinned in kiln.lock.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 
+use super::build::{build, BuildOptions, BuildReport};
 use super::source::{SourceSpec, UPSTREAM_GIT};
-use super::BuildSpec;
-use crate::recipe::{check_name, LoadedRecipe};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IpxeRecipe {
-    targets: Option<Vec<String>>,
-    vlan: Option<u16>,
-    embed: Option<PathBuf>,
-    chain: Option<String>,
-    #[serde(default)]
-    options: Vec<String>,
-    #[serde(default)]
-    no_options: Vec<String>,
-    source: Option<RecipeSource>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RecipeSource {
-    git: Option<String>,
-    rev: Option<String>,
-    path: Option<PathBuf>,
-}
+use super::spec::{BuildSpec, Origin};
+use crate::recipe::{IpxeSourceRecipe, LoadedRecipe, Lock, LockedIpxe};
 
 /// The build `[ipxe.NAME]` of `loaded` describes. Errors name the file, the table and the field.
 pub fn spec(loaded: &LoadedRecipe, name: &str) -> Result<BuildSpec> {
-    let table =
-        loaded.recipe.ipxe.get(name).with_context(|| format!("{} has no [ipxe.{name}]", loaded.path.display()))?;
     let at = || format!("{}: [ipxe.{name}]", loaded.path.display());
-    check_name(name).with_context(at)?;
-    let r = IpxeRecipe::deserialize(toml::Value::Table(table.clone()))
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(at)?;
-    let base = loaded.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let rel = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
+    let r = loaded.ipxe(name)?;
+    let rel = |p: &PathBuf| loaded.resolve_path(p);
     let source = match r.source {
         None => SourceSpec::upstream(),
-        Some(RecipeSource { path: Some(p), git: None, rev: None }) => SourceSpec::Path(rel(&p)),
-        Some(RecipeSource { path: Some(_), .. }) => {
+        Some(IpxeSourceRecipe { path: Some(p), git: None, rev: None }) => SourceSpec::Path(rel(&p)),
+        Some(IpxeSourceRecipe { path: Some(_), .. }) => {
             bail!("{}: field `source`: give either path or git (with rev), not both", at())
         }
-        Some(RecipeSource { git, rev, path: None }) => {
+        Some(IpxeSourceRecipe { git, rev, path: None }) => {
             let url = git.unwrap_or_else(|| UPSTREAM_GIT.into());
             let rev = rev.unwrap_or_else(|| "HEAD".into());
             SourceSpec::Git { url, rev }
@@ -56,7 +29,7 @@ pub fn spec(loaded: &LoadedRecipe, name: &str) -> Result<BuildSpec> {
     };
     let targets = r.targets.unwrap_or_else(|| super::target::DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect());
     BuildSpec::new(
-        super::Origin::Recipe,
+        Origin::Recipe,
         name,
         &targets,
         source,
@@ -68,6 +41,44 @@ pub fn spec(loaded: &LoadedRecipe, name: &str) -> Result<BuildSpec> {
         loaded.recipe.source_date_epoch,
     )
     .with_context(at)
+}
+
+/// Builds the `[ipxe.NAME]` tables `names` of `loaded`, pinning git revisions in kiln.lock (`update`: resolve
+/// them again). `source_date_epoch` overrides the recipe's.
+pub fn build_recipe(
+    store: &crate::store::Store,
+    loaded: &LoadedRecipe,
+    names: &[String],
+    opts: &BuildOptions,
+    source_date_epoch: Option<i64>,
+    update: bool,
+) -> Result<Vec<BuildReport>> {
+    let mut reports = Vec::new();
+    let lock_path = loaded.lock_path();
+    let mut lock = Lock::load(&lock_path)?;
+    let before = toml::to_string(&lock).unwrap_or_default();
+    for name in names {
+        let mut spec = spec(loaded, name)?;
+        if source_date_epoch.is_some() {
+            spec.source_date_epoch = source_date_epoch;
+        }
+        let pinned = match &spec.source {
+            SourceSpec::Git { url, rev } if !update => {
+                lock.ipxe.get(name).filter(|l| &l.git == url && &l.rev == rev).map(|l| l.commit.clone())
+            }
+            _ => None,
+        };
+        let report = build(store, &spec, opts, pinned.as_deref())
+            .with_context(|| format!("building [ipxe.{name}] of {}", loaded.path.display()))?;
+        if let (SourceSpec::Git { url, rev }, Some(commit)) = (&spec.source, &report.source.commit) {
+            lock.ipxe.insert(name.clone(), LockedIpxe { git: url.clone(), rev: rev.clone(), commit: commit.clone() });
+        }
+        reports.push(report);
+    }
+    if !opts.dry_run && toml::to_string(&lock).unwrap_or_default() != before {
+        lock.save(&lock_path)?;
+    }
+    Ok(reports)
 }
 
 #[cfg(test)]

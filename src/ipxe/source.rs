@@ -15,7 +15,7 @@ use crate::util::{mkdir_p, run_command, sha256_file};
 
 /// Upstream iPXE.
 pub const UPSTREAM_GIT: &str = "https://github.com/ipxe/ipxe";
-/// The upstream commit kiln builds by default ("[arm] Add missing condition code clobbers to
+/// The upstream commit kiln builds by default ("\[arm\] Add missing condition code clobbers to
 /// inline assembly", 2026-08-21). Bump it deliberately: it changes every default build.
 pub const PINNED_COMMIT: &str = "0ab2277c40f1de56c736b9e7db7ee23d52509ec5";
 

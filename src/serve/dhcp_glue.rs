@@ -6,10 +6,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::sync::{mpsc, watch};
 
-use super::config::{DhcpMode, Unknown};
-use super::dhcp::{self, BootFiles, DhcpContext, DhcpEvent, Reservation, Subnet, UnknownPolicy};
+use super::dhcp::{self, DhcpContext, DhcpEvent, Reservation};
 use super::site::Site;
 use super::state::State;
+use crate::net::Subnet;
+use crate::recipe::DhcpMode;
 
 /// The DHCP server's view of a site.
 pub fn context(site: &Site) -> DhcpContext {
@@ -20,23 +21,14 @@ pub fn context(site: &Site) -> DhcpContext {
     ctx.lease_secs = site.server.lease_time.unwrap_or(3600);
     ctx.pool = site.server.pool;
     ctx.http_base = site.base_url();
-    ctx.unknown = match site.server.unknown {
-        Unknown::Ignore => UnknownPolicy::Ignore,
-        Unknown::Record => UnknownPolicy::Record,
-        Unknown::Boot(_) => UnknownPolicy::Boot,
-    };
+    ctx.unknown = site.server.unknown.clone();
     for n in &site.nodes {
-        ctx.known.insert(n.mac.0);
+        ctx.known.insert(n.mac);
         if let Some(ip) = n.ipv4 {
-            ctx.reservations.insert(n.mac.0, Reservation { ip, hostname: Some(n.hostname.clone()) });
+            ctx.reservations.insert(n.mac, Reservation { ip, hostname: Some(n.hostname.clone()) });
         }
     }
-    let name = |f: &Option<(String, std::path::PathBuf)>| f.as_ref().map(|(n, _)| n.clone());
-    ctx.boot_files = BootFiles {
-        bios: name(&site.boot_files.bios),
-        efi_x64: name(&site.boot_files.efi_x64),
-        efi_arm64: name(&site.boot_files.efi_arm64),
-    };
+    ctx.boot_files = site.boot_files.clone();
     ctx
 }
 
@@ -45,8 +37,9 @@ pub fn start(
     tasks: &mut tokio::task::JoinSet<Result<()>>,
     site: &watch::Receiver<Arc<Site>>,
     state: Arc<State>,
+    queue: usize,
     stop: watch::Receiver<bool>,
-) -> Result<Option<mpsc::UnboundedReceiver<DhcpEvent>>> {
+) -> Result<Option<mpsc::Receiver<DhcpEvent>>> {
     let current = site.borrow().clone();
     if current.dhcp_mode() == DhcpMode::Off {
         return Ok(None);
@@ -64,7 +57,7 @@ pub fn start(
     });
     let port = current.server.dhcp_port.unwrap_or(67);
     let proxy_port = (current.dhcp_mode() == DhcpMode::Proxy).then_some(4011);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(queue.max(1));
     let mut stop = stop;
     tasks.spawn(dhcp::serve(ctx_rx, state, current.server.interface.clone(), port, proxy_port, Some(tx), async move {
         let _ = stop.wait_for(|s| *s).await;

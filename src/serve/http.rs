@@ -24,8 +24,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::config::Mac;
+use super::limits::{Limit, Limits};
 use super::site::Site;
+use super::state::State;
+use crate::net::Mac;
+use crate::recipe::UnknownPolicy;
 
 /// Something a machine did, for the boot log. Blob downloads name no MAC: the server attributes them by the
 /// client's address (the machine that last asked for its script or overlay from there, or its lease).
@@ -40,7 +43,54 @@ pub struct HttpEvent {
 const MAX_HEAD: usize = 16 * 1024;
 /// Most bytes one `sendfile(2)` call may send before the connection yields to the others.
 const SENDFILE_CHUNK: usize = 2 << 20;
-const IDLE: Duration = Duration::from_secs(60);
+
+/// What one client may hold of the HTTP server, and for how long. Read from the site for every connection, so a
+/// reload changes them for new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; beyond it the server stops accepting (clients wait in the kernel's backlog)
+    /// until one closes. By default, 4,096.
+    pub max_connections: usize,
+    /// How long a client may take to send a whole request head once it starts one (slow clients trickling
+    /// header bytes are cut off). By default, 10 s.
+    pub header_timeout: Duration,
+    /// How long a response may make no progress (a client that stops reading). By default, 30 s.
+    pub write_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request. By default, 60 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What every connection shares: the newest site, the state (to know who holds a lease), the boot log's queue and
+/// the limits' counters.
+#[derive(Clone)]
+pub struct Shared {
+    pub site: watch::Receiver<Arc<Site>>,
+    pub state: Option<Arc<State>>,
+    /// Boot events for the log; a bounded queue (a full one drops the event, counted as `event_queue`).
+    pub events: Option<mpsc::Sender<HttpEvent>>,
+    pub limits: Limits,
+}
+
+impl Shared {
+    fn event(&self, event: HttpEvent) {
+        if let Some(tx) = &self.events {
+            if tx.try_send(event).is_err() {
+                self.limits.limit("event_queue", tx.max_capacity() as u64, "boot events not logged").refuse();
+            }
+        }
+    }
+}
 
 /// A parsed request: only what the routes need.
 #[derive(Debug, PartialEq, Eq)]
@@ -173,13 +223,11 @@ pub fn percent_decode(path: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::UnboundedSender<HttpEvent>>) -> Response {
+fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Response {
     let decoded = percent_decode(req.path.split('?').next().unwrap_or(""));
     let path = decoded.as_str();
     let event = |mac: Mac, kind: &'static str, detail: String| {
-        if let Some(tx) = events {
-            let _ = tx.send(HttpEvent { mac: Some(mac), client, kind, detail });
-        }
+        shared.event(HttpEvent { mac: Some(mac), client, kind, detail });
     };
     if path == "/healthz" {
         return Response::text(200, "OK", "ok\n".into());
@@ -189,7 +237,10 @@ fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::Unbou
             return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
         };
         let script = site.script(mac);
-        event(mac, "script", site.node(mac).map(|n| n.name.clone()).unwrap_or_else(|| "unknown".into()));
+        // `unknown = "ignore"`: a machine outside the node list leaves no trace.
+        if site.node(mac).is_some() || site.server.unknown != UnknownPolicy::Ignore {
+            event(mac, "script", site.node(mac).map(|n| n.name.clone()).unwrap_or_else(|| "unknown".into()));
+        }
         let mut r = Response::text(200, "OK", script);
         r.headers.push(("Cache-Control", "no-store".into()));
         return r;
@@ -198,6 +249,16 @@ fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::Unbou
         let Ok(mac) = m.parse::<Mac>() else {
             return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
         };
+        if site.node(mac).is_some() && !overlay_allowed(site, shared.state.as_deref(), mac, client) {
+            return Response::text(
+                403,
+                "Forbidden",
+                format!(
+                    "the overlay of {mac} is served only to that node's address (its reservation or lease); \
+                     {client} is neither (set [server] overlay_allow for relayed or NATed sites)\n"
+                ),
+            );
+        }
         return match site.overlays.get(&mac) {
             Some(bytes) => {
                 event(mac, "overlay", format!("{} bytes", bytes.len()));
@@ -268,8 +329,8 @@ fn route(site: &Site, req: &Request, client: IpAddr, events: &Option<mpsc::Unbou
     }
     // Firmware files, for UEFI HTTP boot (DHCP gives such clients http://SERVER/<name>).
     let wanted = path.trim_start_matches('/');
-    let boot = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64];
-    if let Some((_, file)) = boot.into_iter().flatten().find(|(name, _)| name == wanted) {
+    if let Some(file) = site.boot_files.by_name(wanted) {
+        let file = &file.path;
         return match std::fs::metadata(file) {
             Ok(m) => Response {
                 blob: None,
@@ -294,13 +355,22 @@ async fn write_head(stream: &mut TcpStream, r: &Response, keep_alive: bool) -> s
     stream.write_all(head.as_bytes()).await
 }
 
-/// Sends `len` bytes of `file` from `start` with sendfile(2), waiting for the socket as needed.
-async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u64) -> std::io::Result<()> {
+/// Sends `len` bytes of `file` from `start` with sendfile(2), waiting for the socket as needed, at most
+/// `write_timeout` each time.
+async fn send_file(
+    stream: &TcpStream,
+    file: &std::fs::File,
+    start: u64,
+    len: u64,
+    write_timeout: Duration,
+) -> std::io::Result<()> {
     let mut offset = start as i64;
     let end = start + len;
     while (offset as u64) < end {
         let want = ((end - offset as u64) as usize).min(SENDFILE_CHUNK);
-        stream.writable().await?;
+        tokio::time::timeout(write_timeout, stream.writable())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading"))??;
         let sent = stream.try_io(Interest::WRITABLE, || {
             nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut offset), want)
                 .map_err(std::io::Error::from)
@@ -318,58 +388,97 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, start: u64, len: u6
     Ok(())
 }
 
-async fn connection(
-    mut stream: TcpStream,
-    client: IpAddr,
-    site: watch::Receiver<Arc<Site>>,
-    events: Option<mpsc::UnboundedSender<HttpEvent>>,
-) -> std::io::Result<()> {
+/// Whether `client` may have the overlay of node `mac`: it is the node's reserved address, the address leased to
+/// it, or inside `[server] overlay_allow`. Overlays carry hosts files, keys and the admin's templates (sites put
+/// secrets there), and MACs are easy to guess.
+fn overlay_allowed(site: &Site, state: Option<&State>, mac: Mac, client: IpAddr) -> bool {
+    let IpAddr::V4(v4) = canonical(client) else { return false };
+    if site.node(mac).and_then(|n| n.ipv4) == Some(v4) || site.overlay_allow.iter().any(|net| net.contains(v4)) {
+        return true;
+    }
+    state.and_then(|s| s.lease(mac).ok().flatten()).is_some_and(|l| l.ip == v4 && l.active(crate::util::unix_now()))
+}
+
+/// An IPv4 client seen through an IPv6 socket is still an IPv4 client.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn connection(mut stream: TcpStream, client: IpAddr, shared: Shared) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     loop {
+        let limits = shared.site.borrow().http_limits;
+        // The first byte of a request may take the idle time; the rest of its head must follow quickly.
+        let mut head_deadline: Option<tokio::time::Instant> = None;
         let (req, used) = loop {
             match parse_request(&buf) {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() >= MAX_HEAD => {
                     let r = Response::text(431, "Request Header Fields Too Large", "request head too large\n".into());
-                    return reply(&mut stream, r, false).await;
+                    return reply(&mut stream, r, false, limits.write_timeout).await;
                 }
                 Ok(None) => {}
                 Err(why) => {
                     let status = if why == "method not allowed" { 405 } else { 400 };
                     let reason = if status == 405 { "Method Not Allowed" } else { "Bad Request" };
-                    return reply(&mut stream, Response::text(status, reason, format!("{why}\n")), false).await;
+                    return reply(
+                        &mut stream,
+                        Response::text(status, reason, format!("{why}\n")),
+                        false,
+                        limits.write_timeout,
+                    )
+                    .await;
                 }
             }
             let mut chunk = [0u8; 4096];
-            let n = match tokio::time::timeout(IDLE, stream.read(&mut chunk)).await {
+            let deadline = match head_deadline {
+                Some(d) => d,
+                None if buf.is_empty() => tokio::time::Instant::now() + limits.idle_timeout,
+                None => *head_deadline.insert(tokio::time::Instant::now() + limits.header_timeout),
+            };
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
                 Ok(r) => r?,
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    if !buf.is_empty() || head_deadline.is_some() {
+                        shared
+                            .limits
+                            .limit("http_header_timeout", limits.header_timeout.as_secs(), "slow clients cut off")
+                            .refuse();
+                    }
+                    return Ok(());
+                }
             };
             if n == 0 {
                 return Ok(());
             }
+            if head_deadline.is_none() {
+                head_deadline = Some(tokio::time::Instant::now() + limits.header_timeout);
+            }
             buf.extend_from_slice(&chunk[..n]);
         };
         buf.drain(..used);
-        let snapshot = site.borrow().clone();
-        let mut resp = route(&snapshot, &req, client, &events);
+        let snapshot = shared.site.borrow().clone();
+        let mut resp = route(&snapshot, &req, client, &shared);
         tracing::debug!(path = %req.path, status = resp.status, "http");
         if req.head_only {
             resp.body = Body::None;
         }
-        let logged = match (&resp.blob, &resp.body, &events) {
-            (Some(label), Body::File { len, .. }, Some(tx)) => Some((label.clone(), *len, tx.clone())),
+        let logged = match (&resp.blob, &resp.body) {
+            (Some(label), Body::File { len, .. }) => Some((label.clone(), *len)),
             _ => None,
         };
         let started = std::time::Instant::now();
-        let sent = reply(&mut stream, resp, req.keep_alive).await;
-        if let Some((label, len, tx)) = logged {
+        let sent = reply(&mut stream, resp, req.keep_alive, limits.write_timeout).await;
+        if let Some((label, len)) = logged {
             let secs = started.elapsed().as_secs_f64();
             let detail = match &sent {
                 Ok(()) => format!("{label} {len} bytes in {secs:.1}s"),
                 Err(e) => format!("{label} failed after {secs:.1}s: {e}"),
             };
-            let _ = tx.send(HttpEvent { mac: None, client, kind: "blob", detail });
+            shared.event(HttpEvent { mac: None, client, kind: "blob", detail });
         }
         sent?;
         if !req.keep_alive {
@@ -378,41 +487,86 @@ async fn connection(
     }
 }
 
-async fn reply(stream: &mut TcpStream, r: Response, keep_alive: bool) -> std::io::Result<()> {
-    write_head(stream, &r, keep_alive).await?;
-    match &r.body {
-        Body::Bytes(b) => stream.write_all(b).await?,
-        Body::File { path, start, len } => {
-            let file = std::fs::File::open(path)?;
-            send_file(stream, &file, *start, *len).await?;
+/// Sends a response. A file is opened before the status line goes out, so a file that cannot be read gets a 500,
+/// not a 200 with a short body; a client that stops reading for `write_timeout` is cut off.
+async fn reply(stream: &mut TcpStream, r: Response, keep_alive: bool, write_timeout: Duration) -> std::io::Result<()> {
+    let file = match &r.body {
+        Body::File { path, .. } => match std::fs::File::open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("http: opening {}: {e}", path.display());
+                let failed = Response::text(500, "Internal Server Error", "the file cannot be read\n".into());
+                return Box::pin(reply(stream, failed, false, write_timeout)).await;
+            }
+        },
+        _ => None,
+    };
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading");
+    tokio::time::timeout(write_timeout, write_head(stream, &r, keep_alive)).await.map_err(|_| timed_out())??;
+    match (&r.body, file) {
+        (Body::Bytes(b), _) => {
+            tokio::time::timeout(write_timeout, stream.write_all(b)).await.map_err(|_| timed_out())??
         }
-        Body::None => {}
+        (Body::File { start, len, .. }, Some(file)) => send_file(stream, &file, *start, *len, write_timeout).await?,
+        _ => {}
     }
     Ok(())
 }
 
-/// Accepts connections until `shutdown` turns true; each connection sees the newest site.
-pub async fn serve(
-    listener: TcpListener,
-    site: watch::Receiver<Arc<Site>>,
-    events: Option<mpsc::UnboundedSender<HttpEvent>>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
+/// Accepts connections until `shutdown` turns true; each connection sees the newest site. At most
+/// [`HttpLimits::max_connections`] are open at once: beyond that the server stops accepting until one closes
+/// (the kernel's backlog holds the waiting clients), and says so once per interval.
+pub async fn serve(listener: TcpListener, shared: Shared, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let open = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut granted = 0usize;
+    let at_cap: Arc<Limit> = shared.limits.limit("http_max_connections", 0, "connections kept waiting");
     loop {
+        // Follow the configured cap: add permits when it grows; when it shrinks, keep the extra ones out of use.
+        let max = shared.site.borrow().http_limits.max_connections.max(1);
+        at_cap.set_value(max as u64);
+        if max > granted {
+            open.add_permits(max - granted);
+            granted = max;
+        } else if max < granted {
+            if let Ok(extra) = open.clone().try_acquire_many_owned((granted - max) as u32) {
+                extra.forget();
+                granted = max;
+            }
+        }
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                at_cap.refuse();
+                tokio::select! {
+                    p = open.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return Ok(()),
+                    },
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // EMFILE and friends: say it, back off, try again.
                         tracing::warn!("http accept: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (site, events) = (site.clone(), events.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer.ip(), site, events).await {
+                    let _permit = permit;
+                    if let Err(e) = connection(stream, peer.ip(), shared).await {
                         tracing::debug!("http {peer}: {e}");
                     }
                 });

@@ -21,8 +21,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 
-use super::config::Node;
-use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
+use crate::archive::{Compression, Compressor, NewcTree};
+use crate::recipe::Node;
 
 /// Renders the overlay files of `node`: path → (mode, contents).
 pub fn files(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) -> BTreeMap<String, (u32, Vec<u8>)> {
@@ -142,42 +142,18 @@ pub fn build(
     for (path, (mode, text)) in templates {
         files.insert(path.clone(), (*mode, render(path, text, node, server)?));
     }
-    let mut dirs: BTreeMap<String, u32> = BTreeMap::new();
-    for path in files.keys() {
-        let mut cur = String::new();
-        for comp in path.split('/').collect::<Vec<_>>().split_last().map(|(_, d)| d).unwrap_or(&[]) {
-            if !cur.is_empty() {
-                cur.push('/');
-            }
-            cur.push_str(comp);
-            let mode = if cur == "root" || cur == "root/.ssh" { 0o700 } else { 0o755 };
-            dirs.insert(cur.clone(), mode);
+    let mut tree = NewcTree::default();
+    for (path, (mode, data)) in files {
+        tree.bytes(&path, data, mode);
+    }
+    // SSH refuses keys in a directory others can read.
+    for private in ["root", "root/.ssh"] {
+        if tree.has_children(private) {
+            tree.dir(private, 0o700);
         }
-    }
-    let mut entries: BTreeMap<String, (u32, Option<&Vec<u8>>)> = BTreeMap::new();
-    for (d, mode) in &dirs {
-        entries.insert(d.clone(), (libc::S_IFDIR | mode, None));
-    }
-    for (p, (mode, data)) in &files {
-        entries.insert(p.clone(), (libc::S_IFREG | mode, Some(data)));
     }
     let comp = Compressor::new(Vec::new(), Compression::Gzip, 6, 1)?;
-    let mut cpio = CpioWriter::new(comp);
-    for (ino, (name, (mode, data))) in entries.iter().enumerate() {
-        let entry = CpioEntry {
-            name: name.as_bytes(),
-            ino: ino as u32 + 1,
-            mode: *mode,
-            nlink: if data.is_some() { 1 } else { 2 },
-            size: data.map(|d| d.len() as u64).unwrap_or(0),
-            ..Default::default()
-        };
-        match data {
-            Some(d) => cpio.write_entry(&entry, Some(&mut d.as_slice()))?,
-            None => cpio.write_entry(&entry, None)?,
-        }
-    }
-    let (mut comp, _) = cpio.finish()?;
+    let (mut comp, _) = tree.write(comp, 0)?;
     comp.flush()?;
     Ok(comp.finish()?)
 }

@@ -1,21 +1,26 @@
 //! `kiln serve`: starts DHCP, TFTP and HTTP over one site, reloads it on SIGHUP, stops on
-//! SIGTERM/SIGINT, and keeps the boot log.
+//! SIGTERM/SIGINT, and keeps the boot log ([`super::bootlog`]).
+//!
+//! A reload is read and checked off the serving threads (re-hashing every bundle takes seconds); the running
+//! configuration stays until the new one is complete. A reload that would change what the server listens on
+//! (ports, DHCP mode, interface) is refused with "restart needed": the listeners are bound once, at start.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use super::config::{DhcpMode, Mac};
-use super::http::HttpEvent;
+use super::bootlog::{BootLog, Recorder, EVENT_QUEUE, LOG_LINES_PER_SECOND};
+use super::http::{self, HttpEvent};
+use super::limits::Limits;
 use super::site::Site;
 use super::state::State;
 use super::tftp::{TftpConfig, TftpEvent, TftpFiles};
-use crate::recipe::LoadedRecipe;
+use crate::recipe::{DhcpMode, LoadedRecipe};
 use crate::store::Store;
 
 /// What `kiln serve` was asked on the command line (overrides of the recipe's `[server]`).
@@ -30,6 +35,9 @@ pub struct ServeOptions {
     pub dhcp_port: Option<u16>,
     pub state_dir: Option<PathBuf>,
 }
+
+/// How often a limit that keeps being hit is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
     let mut loaded = LoadedRecipe::load(&opts.recipe)?;
@@ -55,54 +63,117 @@ fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
 
 fn tftp_config(site: &Site) -> TftpConfig {
     let mut files = TftpFiles::default();
-    for (name, path) in
-        [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64].into_iter().flatten()
-    {
-        files.named.insert(name.clone(), path.clone());
+    for file in site.boot_files.iter() {
+        files.named.insert(file.name.clone(), file.path.clone());
     }
-    TftpConfig { files, ..TftpConfig::default() }
+    let d = TftpConfig::default();
+    let server = &site.server;
+    TftpConfig {
+        files,
+        max_transfers: server.tftp_max_transfers.unwrap_or(d.max_transfers),
+        max_per_client: server.tftp_max_per_client.unwrap_or(d.max_per_client),
+        max_timeout: server.tftp_max_timeout.map(Duration::from_secs).unwrap_or(d.max_timeout),
+        stall_limit: server.tftp_stall_limit.map(Duration::from_secs).unwrap_or(d.stall_limit),
+        ..d
+    }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+/// What the server listens on: bound once, so a reload may not change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listeners {
+    http_port: u16,
+    tftp_port: u16,
+    dhcp_port: u16,
+    dhcp: DhcpMode,
+    interface: Option<String>,
+}
+
+impl Listeners {
+    fn of(site: &Site) -> Listeners {
+        Listeners {
+            http_port: site.http_port,
+            tftp_port: site.server.tftp_port.unwrap_or(69),
+            dhcp_port: site.server.dhcp_port.unwrap_or(67),
+            dhcp: site.dhcp_mode(),
+            interface: site.server.interface.clone(),
+        }
+    }
+
+    /// What `new` changes, as `key OLD → NEW` phrases.
+    fn changes(&self, new: &Listeners) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut note = |key: &str, old: String, new: String| {
+            if old != new {
+                out.push(format!("{key} {old} → {new}"));
+            }
+        };
+        note("http_port", self.http_port.to_string(), new.http_port.to_string());
+        note("tftp_port", self.tftp_port.to_string(), new.tftp_port.to_string());
+        note("dhcp_port", self.dhcp_port.to_string(), new.dhcp_port.to_string());
+        note("dhcp", self.dhcp.to_string(), new.dhcp.to_string());
+        let iface = |i: &Option<String>| i.clone().unwrap_or_else(|| "(all)".into());
+        note("interface", iface(&self.interface), iface(&new.interface));
+        out
+    }
+}
+
+/// Raises the open-file limit to what the system allows (the default 1,024 is less than the connections and
+/// transfers kiln serve holds in a boot storm), and says so when that is less than the configured limits need.
+fn raise_open_files(site: &Site) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = site.http_limits.max_connections as u64 + 2 * tftp_config(site).max_transfers as u64 + 256;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard {
+                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                    eprintln!("kiln serve: warning: cannot raise the open-file limit from {soft} to {hard}: {e}");
+                }
+            }
+            if hard < need {
+                eprintln!(
+                    "kiln serve: warning: the open-file limit is {hard}, less than the {need} the configured limits \
+                     may need (http_max_connections + 2 × tftp_max_transfers + 256): raise it (LimitNOFILE= in \
+                     the systemd unit, ulimit -n) or lower those limits"
+                );
+            }
+        }
+        Err(e) => eprintln!("kiln serve: warning: cannot read the open-file limit: {e}"),
+    }
 }
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(opts: ServeOptions) -> Result<ExitCode> {
     let store = Store::open(&opts.store_root)?;
     let site = load(&opts, &store)?;
-    let state_dir = opts
-        .state_dir
-        .clone()
-        .or_else(|| site.server.state_dir.clone())
-        .unwrap_or_else(|| opts.store_root.join("state"));
+    raise_open_files(&site);
+    let state_dir = super::state_dir(opts.state_dir.as_deref(), Some(&site.server), &opts.store_root);
     crate::util::mkdir_p(&state_dir)?;
     let state = Arc::new(State::open(&state_dir)?);
+    state.set_limits(site.state_limits);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(crate::util::thread_count().clamp(2, 8))
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(opts, store, site, state, state_dir))
+    rt.block_on(serve(opts, Arc::new(store), site, state, state_dir))
 }
 
 async fn serve(
     opts: ServeOptions,
-    store: Store,
+    store: Arc<Store>,
     site: Site,
     state: Arc<State>,
     state_dir: PathBuf,
 ) -> Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
-    let http_port = site.http_port;
-    let tftp_port = site.server.tftp_port.unwrap_or(69);
+    let listeners = Listeners::of(&site);
     let bind = Ipv4Addr::UNSPECIFIED;
-    let http = tokio::net::TcpListener::bind(SocketAddr::from((bind, http_port)))
+    let http = tokio::net::TcpListener::bind(SocketAddr::from((bind, listeners.http_port)))
         .await
-        .with_context(|| format!("listening for HTTP on port {http_port}"))?;
-    let tftp = tokio::net::UdpSocket::bind(SocketAddr::from((bind, tftp_port)))
+        .with_context(|| format!("listening for HTTP on port {}", listeners.http_port))?;
+    let tftp = tokio::net::UdpSocket::bind(SocketAddr::from((bind, listeners.tftp_port)))
         .await
-        .with_context(|| format!("listening for TFTP on port {tftp_port}"))?;
+        .with_context(|| format!("listening for TFTP on port {}", listeners.tftp_port))?;
     announce(&site, http.local_addr()?.port(), tftp.local_addr()?.port());
     let summary = state.summary()?;
     println!(
@@ -112,88 +183,97 @@ async fn serve(
         summary.discovered,
         summary.events
     );
-    let socket = state_dir.join(super::state::SOCKET);
-    let control = bind_control(&socket);
+    let socket = state_dir.join(super::control::SOCKET);
+    let control = super::control::bind(&socket);
+
+    let limits = Limits::default();
+    let queue = site.server.event_queue.unwrap_or(EVENT_QUEUE).max(1);
+    let recorder = Recorder::start(state.clone(), queue, limits.clone()).context("starting the boot log writer")?;
+    let mut bootlog = BootLog::new(recorder, limits.clone());
+    bootlog.set_lines_per_second(site.server.log_lines_per_second.unwrap_or(LOG_LINES_PER_SECOND));
 
     let (site_tx, site_rx) = watch::channel(Arc::new(site));
     let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (http_ev_tx, mut http_ev) = mpsc::unbounded_channel::<HttpEvent>();
-    let (tftp_ev_tx, mut tftp_ev) = mpsc::channel::<TftpEvent>(1024);
-    let limits = super::limits::Limits::default();
+    let (http_ev_tx, mut http_ev) = mpsc::channel::<HttpEvent>(queue);
+    let (tftp_ev_tx, mut tftp_ev) = mpsc::channel::<TftpEvent>(queue);
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(super::http::serve(http, site_rx.clone(), Some(http_ev_tx), stop_rx.clone()));
+    let shared = http::Shared {
+        site: site_rx.clone(),
+        state: Some(state.clone()),
+        events: Some(http_ev_tx),
+        limits: limits.clone(),
+    };
+    tasks.spawn(http::serve(http, shared, stop_rx.clone()));
     let mut tftp_stop = stop_rx.clone();
     tasks.spawn(super::tftp::serve(tftp, tftp_rx, Some(tftp_ev_tx), limits.clone(), async move {
         let _ = tftp_stop.wait_for(|s| *s).await;
     }));
     let mut limits_stop = stop_rx.clone();
+    let reported = limits.clone();
     tasks.spawn(async move {
         let stop = async move {
             let _ = limits_stop.wait_for(|s| *s).await;
         };
-        limits.report_every(std::time::Duration::from_secs(10), |line| eprintln!("{line}"), stop).await;
+        reported.report_every(REPORT_EVERY, |line| eprintln!("{line}"), stop).await;
         Ok(())
     });
     if let Some(listener) = control {
-        tasks.spawn(control_server(listener, state.clone(), stop_rx.clone()));
+        tasks.spawn(super::control::serve(listener, state.clone(), stop_rx.clone()));
     }
-    let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), stop_rx.clone())?;
+    let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), queue, stop_rx.clone())?;
 
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut booted: BTreeSet<Mac> = BTreeSet::new();
-    let mut peers = Peers::default();
+    // One reload at a time; a SIGHUP during one asks for another once it is done.
+    let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Site>>(1);
+    let (mut reloading, mut again) = (false, false);
     let result = loop {
         tokio::select! {
             _ = hup.recv() => {
-                match load(&opts, &store) {
+                if reloading {
+                    again = true;
+                } else {
+                    reloading = true;
+                    spawn_reload(&opts, &store, &reload_tx);
+                }
+            }
+            Some(loaded) = reload_rx.recv() => {
+                reloading = false;
+                match loaded {
                     Ok(site) => {
-                        let _ = tftp_tx.send(Arc::new(tftp_config(&site)));
-                        println!("kiln serve: reloaded {} ({} nodes, {} images)", opts.recipe.display(), site.nodes.len(), site.bundles.len());
-                        let _ = site_tx.send(Arc::new(site));
+                        let changes = listeners.changes(&Listeners::of(&site));
+                        if changes.is_empty() {
+                            let _ = tftp_tx.send(Arc::new(tftp_config(&site)));
+                            state.set_limits(site.state_limits);
+                            bootlog.set_lines_per_second(site.server.log_lines_per_second.unwrap_or(LOG_LINES_PER_SECOND));
+                            println!("kiln serve: reloaded {} ({} nodes, {} images)", opts.recipe.display(), site.nodes.len(), site.bundles.len());
+                            let _ = site_tx.send(Arc::new(site));
+                        } else {
+                            eprintln!(
+                                "kiln serve: reload refused, restart needed: {} changes what the server listens on ({}); \
+                                 the running configuration stays",
+                                opts.recipe.display(),
+                                changes.join(", ")
+                            );
+                        }
                     }
                     Err(e) => eprintln!("kiln serve: reload failed, keeping the running configuration: {e:#}"),
+                }
+                if again {
+                    again = false;
+                    reloading = true;
+                    spawn_reload(&opts, &store, &reload_tx);
                 }
             }
             _ = term.recv() => break Ok(ExitCode::SUCCESS),
             _ = int.recv() => break Ok(ExitCode::SUCCESS),
-            Some(ev) = http_ev.recv() => {
-                let Some(mac) = ev.mac.or_else(|| peers.mac_of(ev.client, &site_rx.borrow(), &state)) else {
-                    println!("{} {} (no machine known at this address) {} {}", stamp(), ev.client, ev.kind, ev.detail);
-                    continue;
-                };
-                if ev.mac.is_some() {
-                    peers.learn(ev.client, mac);
-                }
-                let name = record(&state, &site_rx.borrow(), mac, ev.kind, &ev.detail);
-                if ev.kind == "script" {
-                    if name.is_none() {
-                        let _ = state.record_discovered(mac.0, None, Some("iPXE".into()), now());
-                    }
-                    booted.insert(mac);
-                }
-                println!("{} {} {} {} {} (nodes booted: {})", stamp(), mac, name.as_deref().unwrap_or("unknown"), ev.kind, ev.detail, booted.len());
-            }
-            Some(ev) = tftp_ev.recv() => {
-                let (client, detail) = match &ev {
-                    TftpEvent::Finished { client, file, bytes, secs } => (client, format!("{file} {bytes} bytes in {secs:.1}s")),
-                    TftpEvent::Failed { client, file, error } => (client, format!("{file} failed: {error}")),
-                    TftpEvent::Started { .. } => continue,
-                };
-                match peers.mac_of(client.ip(), &site_rx.borrow(), &state) {
-                    Some(mac) => {
-                        let name = record(&state, &site_rx.borrow(), mac, "tftp", &detail);
-                        println!("{} {} {} tftp {detail}", stamp(), mac, name.as_deref().unwrap_or("unknown"));
-                    }
-                    None => println!("{} tftp {client} {detail}", stamp()),
-                }
-            }
+            Some(ev) = http_ev.recv() => bootlog.http(ev, &site_rx.borrow(), &state),
+            Some(ev) = tftp_ev.recv() => bootlog.tftp(ev, &site_rx.borrow(), &state),
             Some(ev) = async { match dhcp_ev.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let name = site_rx.borrow().node(Mac(ev.mac)).map(|n| n.name.clone());
-                println!("{} {} {} {} {}", stamp(), Mac(ev.mac), name.as_deref().unwrap_or("unknown"), ev.kind.as_str(), ev.detail());
+                bootlog.dhcp(ev, &site_rx.borrow());
             }
             Some(done) = tasks.join_next() => {
                 match done {
@@ -205,9 +285,7 @@ async fn serve(
         }
     };
     let _ = stop_tx.send(true);
-    let _ =
-        tokio::time::timeout(std::time::Duration::from_secs(6), async { while tasks.join_next().await.is_some() {} })
-            .await;
+    let _ = tokio::time::timeout(Duration::from_secs(6), async { while tasks.join_next().await.is_some() {} }).await;
     if socket.exists() {
         let _ = std::fs::remove_file(&socket);
     }
@@ -215,131 +293,17 @@ async fn serve(
     result
 }
 
-/// Binds the control socket (replacing a stale one: this process holds the state's lock); on failure says what
-/// does not work without it and goes on.
-fn bind_control(socket: &std::path::Path) -> Option<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(socket);
-    let bound = tokio::net::UnixListener::bind(socket).and_then(|l| {
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-        Ok(l)
+/// Reads the recipe and checks every bundle on a blocking thread; the result arrives on `done`.
+fn spawn_reload(opts: &ServeOptions, store: &Arc<Store>, done: &mpsc::Sender<Result<Site>>) {
+    let (opts, store, done) = (opts.clone(), store.clone(), done.clone());
+    tokio::task::spawn_blocking(move || {
+        let _ = done.blocking_send(load(&opts, &store));
     });
-    match bound {
-        Ok(l) => Some(l),
-        Err(e) => {
-            eprintln!(
-                "kiln serve: warning: no control socket at {} ({e}): `kiln node ls --unknown` and `kiln node events` \
-                 cannot read the state while this server runs",
-                socket.display()
-            );
-            None
-        }
-    }
-}
-
-/// Answers [`super::state::Query`] lines on the control socket until `stop`.
-async fn control_server(
-    listener: tokio::net::UnixListener,
-    state: Arc<State>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("control socket accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = Vec::new();
-            let mut reader = tokio::io::BufReader::new(read.take(64 * 1024));
-            let got =
-                tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_until(b'\n', &mut line)).await;
-            if !matches!(got, Ok(Ok(n)) if n > 0) {
-                return;
-            }
-            let answer = tokio::task::spawn_blocking(move || super::state::Reply::to_line(&state, &line)).await;
-            if let Ok(answer) = answer {
-                let _ = write.write_all(&answer).await;
-            }
-        });
-    }
-}
-
-/// Records a boot event of `mac` in the state (a failure is logged, not fatal); returns the node's name.
-fn record(state: &State, site: &Site, mac: Mac, kind: &str, detail: &str) -> Option<String> {
-    if let Err(e) = state.record_event(mac.0, kind, detail, now()) {
-        tracing::warn!("recording a boot event: {e:#}");
-    }
-    site.node(mac).map(|n| n.name.clone())
-}
-
-/// Which machine is at which address, for attributing requests that name no MAC (blob downloads, TFTP).
-#[derive(Default)]
-struct Peers {
-    /// Learned from requests that name a MAC (`/ipxe/{mac}`, `/overlay/{mac}`) from that address.
-    seen: HashMap<IpAddr, Mac>,
-}
-
-impl Peers {
-    /// Bound on remembered addresses (a /16 worth); beyond it the map starts afresh.
-    const MAX: usize = 65_536;
-
-    fn learn(&mut self, ip: IpAddr, mac: Mac) {
-        let ip = Self::canonical(ip);
-        if self.seen.len() >= Self::MAX && !self.seen.contains_key(&ip) {
-            self.seen.clear();
-        }
-        self.seen.insert(ip, mac);
-    }
-
-    fn canonical(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        }
-    }
-
-    /// The machine at `ip`: the last one that named itself from there, else the holder of its DHCP lease, else the
-    /// node with that fixed address.
-    fn mac_of(&self, ip: IpAddr, site: &Site, state: &State) -> Option<Mac> {
-        let ip = Self::canonical(ip);
-        if let Some(mac) = self.seen.get(&ip) {
-            return Some(*mac);
-        }
-        let IpAddr::V4(v4) = ip else { return None };
-        if let Some(lease) = state.lease_on(v4) {
-            return Some(Mac(lease.mac));
-        }
-        site.nodes.iter().find(|n| n.ipv4 == Some(v4)).map(|n| n.mac)
-    }
-}
-
-fn stamp() -> String {
-    let secs = now();
-    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
 /// The firmware files served, e.g. `undionly.kpxe, snponly.efi`, or what to do when there are none.
 fn firmware_list(site: &Site) -> String {
-    let names: Vec<&str> = [&site.boot_files.bios, &site.boot_files.efi_x64, &site.boot_files.efi_arm64]
-        .into_iter()
-        .flatten()
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let names: Vec<&str> = site.boot_files.iter().map(|f| f.name.as_str()).collect();
     if names.is_empty() {
         "none (machines whose firmware runs iPXE already boot; for others set [server] ipxe or [server.boot_files])"
             .to_string()

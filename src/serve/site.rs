@@ -5,16 +5,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 
-use super::config::{resolve_nodes, DhcpMode, Mac, Node, ServerRecipe, Unknown};
+use super::firmware::BootFiles;
+use super::http::HttpLimits;
 use super::overlay;
-use crate::recipe::LoadedRecipe;
-use crate::store::{verify_output, Store};
+use super::state::StateLimits;
+use crate::bundle::{self, Manifest};
+use crate::net::{Mac, Subnet};
+use crate::recipe::{DhcpMode, LoadedRecipe, Node, ServerRecipe, UnknownPolicy};
+use crate::store::{verify_output, RootKind, Store};
 
 /// A file served by digest.
 #[derive(Debug, Clone)]
@@ -36,16 +39,14 @@ pub struct Bundle {
     pub cmdline: String,
 }
 
-/// The TFTP name of each firmware boot file, and where it is.
-#[derive(Debug, Clone, Default)]
-pub struct BootFiles {
-    pub bios: Option<(String, PathBuf)>,
-    pub efi_x64: Option<(String, PathBuf)>,
-    pub efi_arm64: Option<(String, PathBuf)>,
-}
-
 pub struct Site {
     pub server: ServerRecipe,
+    /// What one HTTP client may hold.
+    pub http_limits: HttpLimits,
+    /// Networks from which any overlay may be fetched (`[server] overlay_allow`).
+    pub overlay_allow: Vec<Subnet>,
+    /// Caps on discovered machines and boot events.
+    pub state_limits: StateLimits,
     pub address: Ipv4Addr,
     pub prefix: u8,
     pub http_port: u16,
@@ -57,28 +58,21 @@ pub struct Site {
     pub boot_files: BootFiles,
 }
 
-#[derive(Deserialize)]
-struct BundleManifest {
-    kind: String,
-    cmdline: String,
-    files: BTreeMap<String, crate::store::FileEntry>,
-}
-
 impl Site {
     pub fn load(loaded: &LoadedRecipe, store: &Store) -> Result<Site> {
         let recipe = &loaded.recipe;
         let file = loaded.path.display().to_string();
-        let server =
-            recipe.server.clone().with_context(|| format!("{file} has no [server] table: kiln serve needs one"))?;
+        let server = loaded.server()?.clone();
         let cidr =
             server.address.with_context(|| format!("{file}: [server] needs `address` (e.g. \"10.4.0.1/24\")"))?;
         let prefix = cidr.prefix.unwrap_or(24);
-        let nodes = resolve_nodes(&server, &recipe.profile, &recipe.node).with_context(|| file.clone())?;
+        bundle::BundleSpec::all(loaded)?;
+        let nodes = loaded.nodes()?;
         let by_mac = nodes.iter().enumerate().map(|(i, n)| (n.mac, i)).collect();
 
         let mut wanted: Vec<(String, String)> =
             nodes.iter().map(|n| (n.image.clone(), format!("[node.{}]", n.name))).collect();
-        if let Unknown::Boot(img) = &server.unknown {
+        if let UnknownPolicy::Boot(img) = &server.unknown {
             wanted.push((img.clone(), "[server] unknown".into()));
         }
         let mut bundles = BTreeMap::new();
@@ -91,29 +85,22 @@ impl Site {
                 bail!("{file}: {who} uses image {image:?}, but there is no [image.{image}] to build it");
             }
             let bundle = load_bundle(store, &image).with_context(|| format!("{file}: {who} uses image {image:?}"))?;
-            for hex in [&bundle.kernel, &bundle.initramfs, &bundle.image] {
-                let name = if hex == &bundle.kernel {
-                    "kernel"
-                } else if hex == &bundle.initramfs {
-                    "initramfs"
-                } else {
-                    "image"
-                };
+            for (name, hex) in [
+                (bundle::manifest::KERNEL, &bundle.kernel),
+                (bundle::manifest::INITRAMFS, &bundle.initramfs),
+                (bundle::manifest::IMAGE, &bundle.image),
+            ] {
                 let path = bundle.path.join(name);
                 let size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
                 blobs.insert(hex.clone(), Blob { path, size, label: format!("{image}/{name}") });
             }
             bundles.insert(image.clone(), bundle);
         }
-        let boot_files = boot_files(&server, store, &file)?;
+        let boot_files = BootFiles::load(&server, store, &file)?;
         let mut templates = HashMap::new();
         for (name, img) in &recipe.image {
             if let Some(dir) = &img.overlay {
-                let dir = if dir.is_absolute() {
-                    dir.clone()
-                } else {
-                    loaded.path.parent().unwrap_or(Path::new(".")).join(dir)
-                };
+                let dir = loaded.resolve_path(dir);
                 let t = overlay::read_templates(&dir).with_context(|| format!("{file}: [image.{name}] overlay"))?;
                 templates.insert(name.clone(), t);
             }
@@ -126,7 +113,24 @@ impl Site {
                 .with_context(|| format!("{file}: overlay of [node.{}]", n.name))?;
             overlays.insert(n.mac, Arc::new(bytes));
         }
+        let secs =
+            |v: Option<u64>, default: std::time::Duration| v.map(std::time::Duration::from_secs).unwrap_or(default);
+        let http = HttpLimits::default();
+        let http_limits = HttpLimits {
+            max_connections: server.http_max_connections.unwrap_or(http.max_connections),
+            header_timeout: secs(server.http_header_timeout, http.header_timeout),
+            write_timeout: secs(server.http_write_timeout, http.write_timeout),
+            idle_timeout: secs(server.http_idle_timeout, http.idle_timeout),
+        };
+        let state = StateLimits::default();
+        let state_limits = StateLimits {
+            max_discovered: server.max_discovered.unwrap_or(state.max_discovered),
+            max_events: server.max_events.unwrap_or(state.max_events),
+        };
         Ok(Site {
+            http_limits,
+            overlay_allow: server.overlay_allow.clone(),
+            state_limits,
             http_port: server.http_port.unwrap_or(80),
             address: cidr.addr,
             prefix,
@@ -166,7 +170,7 @@ impl Site {
                 None => wait_script(&format!("kiln: no bundle for image {} of {}", node.image, node.name)),
             },
             None => match &self.server.unknown {
-                Unknown::Boot(img) => match self.bundles.get(img) {
+                UnknownPolicy::Boot(img) => match self.bundles.get(img) {
                     Some(b) => boot_script(&self.base_url(), &format!("unknown machine {mac}"), b, "", None),
                     None => wait_script(&format!("kiln: no bundle for image {img}")),
                 },
@@ -208,70 +212,23 @@ fn wait_script(msg: &str) -> String {
 }
 
 fn load_bundle(store: &Store, image: &str) -> Result<Bundle> {
-    let root = store.root().join("roots").join(format!("image-{image}"));
-    let path = std::fs::canonicalize(&root).with_context(|| {
-        format!("it has not been built into the store at {}: run `kiln build` first", store.root().display())
+    let path = store.root(RootKind::Image, image).with_context(|| {
+        format!("it has not been built into the store at {}: run `kiln build` first", store.dir().display())
     })?;
     let problems = verify_output(&path);
     if let Some(p) = problems.first() {
         bail!("{}: {} (rebuild it with `kiln build`)", p.path.display(), p.problem);
     }
-    let bytes = std::fs::read(path.join("manifest.json"))?;
-    let m: BundleManifest =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}/manifest.json", path.display()))?;
-    if m.kind != "bundle" {
-        bail!("{} is not a bundle", path.display());
-    }
-    let hex = |f: &str| -> Result<String> {
-        Ok(m.files.get(f).with_context(|| format!("{}: manifest lists no {f}", path.display()))?.sha256.clone())
-    };
+    let m = Manifest::read(&path)?;
+    let hex = |f: &str| -> Result<String> { Ok(m.file(f).with_context(|| path.display().to_string())?.sha256.clone()) };
     Ok(Bundle {
         name: image.to_string(),
-        kernel: hex("kernel")?,
-        initramfs: hex("initramfs")?,
-        image: hex("image")?,
-        cmdline: m.cmdline,
+        kernel: hex(bundle::manifest::KERNEL)?,
+        initramfs: hex(bundle::manifest::INITRAMFS)?,
+        image: hex(bundle::manifest::IMAGE)?,
+        cmdline: m.cmdline.clone(),
         path,
     })
-}
-
-fn boot_files(server: &ServerRecipe, store: &Store, file: &str) -> Result<BootFiles> {
-    let mut out = BootFiles::default();
-    if let Some(name) = &server.ipxe {
-        let dir =
-            std::fs::canonicalize(store.root().join("roots").join(format!("ipxe-{name}"))).with_context(|| {
-                format!("{file}: [server] ipxe = {name:?} has not been built: run `kiln build-ipxe` (see docs/ipxe.md)")
-            })?;
-        if let Some(p) = verify_output(&dir).first() {
-            bail!("{}: {} (rebuild it with `kiln build-ipxe`)", p.path.display(), p.problem);
-        }
-        let pick = |f: &str, served: &str| {
-            let p = dir.join(f);
-            p.is_file().then(|| (served.to_string(), p))
-        };
-        out.bios = pick("bin-x86_64-pcbios-undionly.kpxe", "undionly.kpxe");
-        out.efi_x64 = pick("bin-x86_64-efi-snponly.efi", "snponly.efi");
-        out.efi_arm64 = pick("bin-arm64-efi-snponly.efi", "arm64/snponly.efi");
-    }
-    if let Some(bf) = &server.boot_files {
-        let check = |p: &Path, served: &str| -> Result<(String, PathBuf)> {
-            if !p.is_file() {
-                bail!("{file}: [server.boot_files] names {}, which does not exist", p.display());
-            }
-            crate::store::verify_listed(p)?;
-            Ok((served.to_string(), p.to_path_buf()))
-        };
-        if let Some(p) = &bf.bios {
-            out.bios = Some(check(p, "undionly.kpxe")?);
-        }
-        if let Some(p) = &bf.efi_x64 {
-            out.efi_x64 = Some(check(p, "snponly.efi")?);
-        }
-        if let Some(p) = &bf.efi_arm64 {
-            out.efi_arm64 = Some(check(p, "arm64/snponly.efi")?);
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

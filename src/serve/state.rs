@@ -8,17 +8,46 @@
 //! The database holds an exclusive lock: while `kiln serve` runs, other processes cannot open it.
 //! Leases are also cached in memory (the DHCP server asks about them on every packet).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::net::Mac;
+
 /// Boot events kept per MAC; older ones are dropped as new ones arrive.
 pub const EVENTS_PER_MAC: u64 = 1000;
+
+/// How much the database may hold of what clients can make it record. Beyond a cap the oldest records are
+/// dropped (and counted), so a flood of made-up MACs cannot grow the state (and, with the state in RAM, memory)
+/// without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateLimits {
+    /// Discovered machines kept (the least recently seen are forgotten). By default, 65,536.
+    pub max_discovered: u64,
+    /// Boot events kept across all machines (the oldest are dropped). By default, 500,000 (about 100 MiB).
+    pub max_events: u64,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits { max_discovered: 65_536, max_events: 500_000 }
+    }
+}
+
+/// One thing to note in the boot log, written in batches by [`State::record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A boot event of `mac`.
+    Event { mac: Mac, kind: String, detail: String, time: u64 },
+    /// A machine outside the node list asked for boot service.
+    Discovered { mac: Mac, arch: Option<u16>, vendor_class: Option<String>, time: u64 },
+}
 
 /// MAC (6 bytes) → JSON [`Lease`].
 const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
@@ -38,8 +67,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// An address given to a machine by the DHCP server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     pub ip: Ipv4Addr,
     /// Unix seconds; the address is free for others after this.
     pub expires: u64,
@@ -53,11 +81,18 @@ impl Lease {
     }
 }
 
+/// A lease put in the in-memory book, waiting to be written ([`State::commit_leases`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedLease {
+    pub lease: Lease,
+    /// The machine whose lease on the same address it replaces.
+    displaced: Option<Mac>,
+}
+
 /// A machine that asked for boot service without being in the node list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     /// Client system architecture (DHCP option 93, RFC 4578), from the last request that had one.
     pub arch: Option<u16>,
     /// Vendor class identifier (DHCP option 60), e.g. `PXEClient:Arch:00007:UNDI:003016`.
@@ -71,8 +106,7 @@ pub struct Discovered {
 /// One step of a machine's boot, e.g. `dhcp-ack` with detail `10.4.0.11 undionly.kpxe`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootEvent {
-    #[serde(with = "mac_text")]
-    pub mac: [u8; 6],
+    pub mac: Mac,
     /// Unix seconds.
     pub time: u64,
     pub kind: String,
@@ -85,10 +119,38 @@ pub struct BootEvent {
 pub struct State {
     db: Database,
     path: PathBuf,
-    /// Every lease on disk.
+    /// Every lease on disk, and the offers held in memory only.
     leases: Mutex<LeaseCache>,
     /// Declined addresses and the time until which they are not offered.
     declined: Mutex<HashMap<Ipv4Addr, u64>>,
+    limits: Mutex<StateLimits>,
+    /// Discovered machines by last sighting, to forget the stalest first without a scan.
+    discovered_by_age: Mutex<DiscoveredIndex>,
+    /// Records dropped at a cap since the server started: (events, discovered machines).
+    dropped_events: AtomicU64,
+    dropped_discovered: AtomicU64,
+}
+
+/// Discovered machines ordered by when they were last seen.
+#[derive(Default)]
+struct DiscoveredIndex {
+    seen: HashMap<Mac, u64>,
+    by_age: BTreeSet<(u64, Mac)>,
+}
+
+impl DiscoveredIndex {
+    fn touch(&mut self, mac: Mac, time: u64) {
+        if let Some(old) = self.seen.insert(mac, time) {
+            self.by_age.remove(&(old, mac));
+        }
+        self.by_age.insert((time, mac));
+    }
+
+    fn pop_oldest(&mut self) -> Option<Mac> {
+        let (_, mac) = self.by_age.pop_first()?;
+        self.seen.remove(&mac);
+        Some(mac)
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -131,6 +193,7 @@ impl State {
 
         let mut leases = LeaseCache::default();
         let mut declined = HashMap::new();
+        let mut discovered = DiscoveredIndex::default();
         {
             let read = db.begin_read()?;
             for item in read.open_table(LEASES)?.iter()? {
@@ -142,8 +205,32 @@ impl State {
                 let (ip, until) = item?;
                 declined.insert(Ipv4Addr::from(ip.value()), until.value());
             }
+            for item in read.open_table(DISCOVERED)?.iter()? {
+                let record: Discovered = decode(item?.1.value(), &path, "discovery record")?;
+                discovered.touch(record.mac, record.last_seen);
+            }
         }
-        Ok(State { db, path, leases: Mutex::new(leases), declined: Mutex::new(declined) })
+        Ok(State {
+            db,
+            path,
+            leases: Mutex::new(leases),
+            declined: Mutex::new(declined),
+            limits: Mutex::new(StateLimits::default()),
+            discovered_by_age: Mutex::new(discovered),
+            dropped_events: AtomicU64::new(0),
+            dropped_discovered: AtomicU64::new(0),
+        })
+    }
+
+    /// Sets the caps on what clients can make the database hold (at start and on reload); a lower cap takes
+    /// effect with the next record.
+    pub fn set_limits(&self, limits: StateLimits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    /// Records dropped at a cap since the server started: (boot events, discovered machines).
+    pub fn dropped(&self) -> (u64, u64) {
+        (self.dropped_events.load(Ordering::Relaxed), self.dropped_discovered.load(Ordering::Relaxed))
     }
 
     /// Where the database lives.
@@ -152,7 +239,7 @@ impl State {
     }
 
     /// The lease recorded for `mac` (possibly expired).
-    pub fn lease(&self, mac: [u8; 6]) -> Result<Option<Lease>> {
+    pub fn lease(&self, mac: Mac) -> Result<Option<Lease>> {
         Ok(self.cache().by_mac.get(&mac).cloned())
     }
 
@@ -172,30 +259,68 @@ impl State {
     /// Records `lease` durably, replacing the MAC's previous lease and any other MAC's lease on the same address
     /// (one address, one holder).
     pub fn put_lease(&self, lease: &Lease) -> Result<()> {
+        self.put_leases(std::slice::from_ref(lease))
+    }
+
+    /// Records `leases` durably in one transaction, each as [`State::put_lease`] would, in order.
+    pub fn put_leases(&self, leases: &[Lease]) -> Result<()> {
+        let staged: Vec<StagedLease> = leases.iter().map(|l| self.stage_lease(l)).collect();
+        self.commit_leases(&staged)
+    }
+
+    /// Puts `lease` in the in-memory lease book at once (later decisions see it) and returns what
+    /// [`State::commit_leases`] needs to make it durable. An offer (DHCPOFFER) is only staged: RFC 2131 asks
+    /// nothing durable of it, and a restart forgets it (the client's REQUEST is then decided afresh).
+    pub fn stage_lease(&self, lease: &Lease) -> StagedLease {
         let mut cache = self.cache();
-        let other = cache.by_ip.get(&lease.ip).copied().filter(|mac| *mac != lease.mac);
-        let value = serde_json::to_vec(lease)?;
-        self.write(Durability::Immediate, |txn| {
-            let mut table = txn.open_table(LEASES)?;
-            if let Some(mac) = other {
-                table.remove(&mac[..])?;
-            }
-            table.insert(&lease.mac[..], &value[..])?;
-            Ok(())
-        })
-        .with_context(|| format!("recording the lease of {} in {}", lease.ip, self.path.display()))?;
+        let displaced = cache.by_ip.get(&lease.ip).copied().filter(|mac| *mac != lease.mac);
         cache.insert(lease.clone());
+        StagedLease { lease: lease.clone(), displaced }
+    }
+
+    /// Writes staged leases in one durable transaction (one sync to disk for a whole batch of DHCPACKs). On
+    /// failure the in-memory book is read back from disk, so it never claims what is not durable.
+    pub fn commit_leases(&self, staged: &[StagedLease]) -> Result<()> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let written = self.write(Durability::Immediate, |txn| {
+            let mut table = txn.open_table(LEASES)?;
+            for s in staged {
+                if let Some(other) = s.displaced {
+                    table.remove(&other.0[..])?;
+                }
+                table.insert(&s.lease.mac.0[..], &serde_json::to_vec(&s.lease)?[..])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            if let Err(reread) = self.reload_leases() {
+                tracing::warn!("re-reading the leases of {}: {reread:#}", self.path.display());
+            }
+            return Err(e).with_context(|| format!("recording {} lease(s) in {}", staged.len(), self.path.display()));
+        }
+        Ok(())
+    }
+
+    fn reload_leases(&self) -> Result<()> {
+        let mut fresh = LeaseCache::default();
+        let read = self.db.begin_read()?;
+        for item in read.open_table(LEASES)?.iter()? {
+            fresh.insert(decode(item?.1.value(), &self.path, "lease")?);
+        }
+        *self.cache() = fresh;
         Ok(())
     }
 
     /// Forgets the lease of `mac`.
-    pub fn release(&self, mac: [u8; 6]) -> Result<()> {
+    pub fn release(&self, mac: Mac) -> Result<()> {
         let mut cache = self.cache();
         self.write(Durability::Immediate, |txn| {
-            txn.open_table(LEASES)?.remove(&mac[..])?;
+            txn.open_table(LEASES)?.remove(&mac.0[..])?;
             Ok(())
         })
-        .with_context(|| format!("releasing the lease of {} in {}", format_mac(mac), self.path.display()))?;
+        .with_context(|| format!("releasing the lease of {} in {}", mac, self.path.display()))?;
         cache.remove(mac);
         Ok(())
     }
@@ -226,33 +351,8 @@ impl State {
     }
 
     /// Notes that an unknown machine asked for boot service: keeps `first_seen`, updates `last_seen`, counts.
-    pub fn record_discovered(
-        &self,
-        mac: [u8; 6],
-        arch: Option<u16>,
-        vendor_class: Option<String>,
-        now: u64,
-    ) -> Result<()> {
-        let path = &self.path;
-        self.write(Durability::Eventual, |txn| {
-            let mut table = txn.open_table(DISCOVERED)?;
-            let previous: Option<Discovered> =
-                table.get(&mac[..])?.map(|v| decode(v.value(), path, "discovery record")).transpose()?;
-            let record = match previous {
-                Some(old) => Discovered {
-                    mac,
-                    arch: arch.or(old.arch),
-                    vendor_class: vendor_class.or(old.vendor_class),
-                    first_seen: old.first_seen,
-                    last_seen: now,
-                    count: old.count + 1,
-                },
-                None => Discovered { mac, arch, vendor_class, first_seen: now, last_seen: now, count: 1 },
-            };
-            table.insert(&mac[..], &serde_json::to_vec(&record)?[..])?;
-            Ok(())
-        })
-        .with_context(|| format!("recording discovered machine {} in {}", format_mac(mac), path.display()))
+    pub fn record_discovered(&self, mac: Mac, arch: Option<u16>, vendor_class: Option<String>, now: u64) -> Result<()> {
+        self.record(&[Record::Discovered { mac, arch, vendor_class, time: now }])
     }
 
     /// Every machine discovered, by MAC.
@@ -266,40 +366,94 @@ impl State {
     }
 
     /// Appends a boot event for `mac`, dropping its oldest beyond [`EVENTS_PER_MAC`].
-    pub fn record_event(&self, mac: [u8; 6], kind: &str, detail: &str, now: u64) -> Result<()> {
+    pub fn record_event(&self, mac: Mac, kind: &str, detail: &str, now: u64) -> Result<()> {
+        self.record(&[Record::Event { mac, kind: kind.to_owned(), detail: detail.to_owned(), time: now }])
+    }
+
+    /// Writes `records` in one transaction (eventual durability: they survive a restart of the process, a power
+    /// cut may lose the last few), dropping the oldest events and the stalest discovered machines beyond
+    /// [`StateLimits`].
+    pub fn record(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let limits = *self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.discovered_by_age.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = (0u64, 0u64);
         self.write(Durability::Eventual, |txn| {
-            let seq = {
-                let mut meta = txn.open_table(META)?;
-                let seq = meta.get("events")?.map(|v| v.value()).unwrap_or(0);
-                meta.insert("events", seq + 1)?;
-                seq
-            };
-            let own = {
-                let mut seqs = txn.open_table(EVENT_SEQ)?;
-                let own = seqs.get(&mac[..])?.map(|v| v.value()).unwrap_or(0);
-                seqs.insert(&mac[..], own + 1)?;
-                own
-            };
-            let event = BootEvent { mac, time: now, kind: kind.to_owned(), detail: detail.to_owned(), seq };
-            let key = event_key(mac, own);
+            let mut meta = txn.open_table(META)?;
+            let mut seqs = txn.open_table(EVENT_SEQ)?;
             let mut events = txn.open_table(EVENTS)?;
             let mut order = txn.open_table(EVENT_ORDER)?;
-            events.insert(&key[..], &serde_json::to_vec(&event)?[..])?;
-            order.insert(seq, &key[..])?;
-            if own >= EVENTS_PER_MAC {
-                let dropped = events.remove(&event_key(mac, own - EVENTS_PER_MAC)[..])?;
-                if let Some(dropped) = dropped {
-                    let dropped: BootEvent = decode(dropped.value(), &self.path, "boot event")?;
-                    order.remove(dropped.seq)?;
+            let mut discovered = txn.open_table(DISCOVERED)?;
+            for record in records {
+                match record {
+                    Record::Event { mac, kind, detail, time } => {
+                        let seq = meta.get("events")?.map(|v| v.value()).unwrap_or(0);
+                        meta.insert("events", seq + 1)?;
+                        let own = seqs.get(&mac.0[..])?.map(|v| v.value()).unwrap_or(0);
+                        seqs.insert(&mac.0[..], own + 1)?;
+                        let event =
+                            BootEvent { mac: *mac, time: *time, kind: kind.clone(), detail: detail.clone(), seq };
+                        let key = event_key(*mac, own);
+                        events.insert(&key[..], &serde_json::to_vec(&event)?[..])?;
+                        order.insert(seq, &key[..])?;
+                        if own >= EVENTS_PER_MAC {
+                            if let Some(old) = events.remove(&event_key(*mac, own - EVENTS_PER_MAC)[..])? {
+                                let old: BootEvent = decode(old.value(), &self.path, "boot event")?;
+                                order.remove(old.seq)?;
+                            }
+                        }
+                        while order.len()? > limits.max_events {
+                            let Some((_, key)) = order.pop_first()? else { break };
+                            let key = key.value().to_vec();
+                            events.remove(&key[..])?;
+                            dropped.0 += 1;
+                        }
+                    }
+                    Record::Discovered { mac, arch, vendor_class, time } => {
+                        let previous: Option<Discovered> = discovered
+                            .get(&mac.0[..])?
+                            .map(|v| decode(v.value(), &self.path, "discovery record"))
+                            .transpose()?;
+                        let record = match previous {
+                            Some(old) => Discovered {
+                                mac: *mac,
+                                arch: arch.or(old.arch),
+                                vendor_class: vendor_class.clone().or(old.vendor_class),
+                                first_seen: old.first_seen,
+                                last_seen: *time,
+                                count: old.count + 1,
+                            },
+                            None => Discovered {
+                                mac: *mac,
+                                arch: *arch,
+                                vendor_class: vendor_class.clone(),
+                                first_seen: *time,
+                                last_seen: *time,
+                                count: 1,
+                            },
+                        };
+                        discovered.insert(&mac.0[..], &serde_json::to_vec(&record)?[..])?;
+                        index.touch(*mac, *time);
+                        while index.seen.len() as u64 > limits.max_discovered {
+                            let Some(stale) = index.pop_oldest() else { break };
+                            discovered.remove(&stale.0[..])?;
+                            dropped.1 += 1;
+                        }
+                    }
                 }
             }
             Ok(())
         })
-        .with_context(|| format!("recording a boot event of {} in {}", format_mac(mac), self.path.display()))
+        .with_context(|| format!("recording {} boot log record(s) in {}", records.len(), self.path.display()))?;
+        self.dropped_events.fetch_add(dropped.0, Ordering::Relaxed);
+        self.dropped_discovered.fetch_add(dropped.1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The last `limit` boot events, of one machine or of all, oldest first.
-    pub fn events(&self, mac: Option<[u8; 6]>, limit: usize) -> Result<Vec<BootEvent>> {
+    pub fn events(&self, mac: Option<Mac>, limit: usize) -> Result<Vec<BootEvent>> {
         let read = self.db.begin_read()?;
         let table = read.open_table(EVENTS)?;
         let mut out: Vec<BootEvent> = Vec::new();
@@ -341,8 +495,8 @@ impl State {
 /// of a pool it scans).
 #[derive(Default)]
 struct LeaseCache {
-    by_mac: HashMap<[u8; 6], Lease>,
-    by_ip: HashMap<Ipv4Addr, [u8; 6]>,
+    by_mac: HashMap<Mac, Lease>,
+    by_ip: HashMap<Ipv4Addr, Mac>,
 }
 
 impl LeaseCache {
@@ -355,7 +509,7 @@ impl LeaseCache {
         self.by_mac.insert(lease.mac, lease);
     }
 
-    fn remove(&mut self, mac: [u8; 6]) {
+    fn remove(&mut self, mac: Mac) {
         if let Some(old) = self.by_mac.remove(&mac) {
             if self.by_ip.get(&old.ip) == Some(&mac) {
                 self.by_ip.remove(&old.ip);
@@ -364,26 +518,7 @@ impl LeaseCache {
     }
 }
 
-/// The control socket `kiln serve` listens on in its state directory: while it runs, the database is locked and
-/// other kiln commands ask the server instead.
-pub const SOCKET: &str = "kiln.sock";
-
-/// A question about the state, answered from the database or, while `kiln serve` holds it, by the server over
-/// [`SOCKET`] (one JSON line each way).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "query", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Query {
-    /// Counts of leases, discovered machines and boot events.
-    Summary,
-    /// Every lease.
-    Leases,
-    /// Every discovered machine.
-    Discovered,
-    /// The last `limit` boot events, of one MAC (`52:54:00:…`) or of all.
-    Events { mac: Option<String>, limit: usize },
-}
-
-/// What [`Query::Summary`] answers.
+/// What `Query::Summary` answers (see [`super::control`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub leases: u64,
@@ -401,82 +536,11 @@ impl State {
             events: read.open_table(EVENT_ORDER)?.len()?,
         })
     }
-
-    /// Answers `query` from this database.
-    pub fn answer(&self, query: &Query) -> Result<serde_json::Value> {
-        Ok(match query {
-            Query::Summary => serde_json::to_value(self.summary()?)?,
-            Query::Leases => serde_json::to_value(self.leases()?)?,
-            Query::Discovered => serde_json::to_value(self.discovered()?)?,
-            Query::Events { mac, limit } => {
-                let mac = mac.as_deref().map(parse_mac).transpose()?;
-                serde_json::to_value(self.events(mac, *limit)?)?
-            }
-        })
-    }
 }
 
-/// Answers `query` about the state in `dir`: from the running server if one holds it, else from the database
-/// (created if missing).
-pub fn ask(dir: &Path, query: &Query) -> Result<serde_json::Value> {
-    let socket = dir.join(SOCKET);
-    match std::os::unix::net::UnixStream::connect(&socket) {
-        Ok(stream) => return ask_server(stream, &socket, query),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
-    }
-    State::open(dir)?.answer(query)
-}
-
-fn ask_server(mut stream: std::os::unix::net::UnixStream, socket: &Path, query: &Query) -> Result<serde_json::Value> {
-    use std::io::{BufRead, Write};
-    let timeout = Some(std::time::Duration::from_secs(10));
-    stream.set_read_timeout(timeout)?;
-    stream.set_write_timeout(timeout)?;
-    let mut line = serde_json::to_vec(query)?;
-    line.push(b'\n');
-    stream.write_all(&line).with_context(|| format!("asking kiln serve over {}", socket.display()))?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut answer)
-        .with_context(|| format!("reading kiln serve's answer over {}", socket.display()))?;
-    let reply: Reply = serde_json::from_str(&answer)
-        .with_context(|| format!("kiln serve answered {} with something that is not a reply", socket.display()))?;
-    match reply {
-        Reply { ok: true, data: Some(data), .. } => Ok(data),
-        Reply { error, .. } => bail!("kiln serve ({}): {}", socket.display(), error.unwrap_or_default()),
-    }
-}
-
-/// One answer on the control socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Reply {
-    /// The reply to one request line.
-    pub fn to_line(state: &State, line: &[u8]) -> Vec<u8> {
-        let reply = match serde_json::from_slice::<Query>(line) {
-            Err(e) => Reply { ok: false, data: None, error: Some(format!("not a query: {e}")) },
-            Ok(q) => match state.answer(&q) {
-                Ok(data) => Reply { ok: true, data: Some(data), error: None },
-                Err(e) => Reply { ok: false, data: None, error: Some(format!("{e:#}")) },
-            },
-        };
-        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
-        out
-    }
-}
-
-fn event_key(mac: [u8; 6], seq: u64) -> [u8; 14] {
+fn event_key(mac: Mac, seq: u64) -> [u8; 14] {
     let mut key = [0; 14];
-    key[..6].copy_from_slice(&mac);
+    key[..6].copy_from_slice(&mac.0);
     key[6..].copy_from_slice(&seq.to_be_bytes());
     key
 }
@@ -485,50 +549,14 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path, what: &str)
     serde_json::from_slice(bytes).with_context(|| format!("reading a {what} from {}: corrupt record", path.display()))
 }
 
-/// `52:54:00:aa:bb:cc`: lowercase, colon-separated.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
-/// Parses `52:54:00:AA:BB:CC` or `52-54-00-aa-bb-cc`.
-pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split([':', '-']);
-    for byte in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2);
-        *byte = part
-            .and_then(|p| u8::from_str_radix(p, 16).ok())
-            .with_context(|| format!("invalid MAC address {text:?}: expected six hex pairs like 52:54:00:aa:bb:cc"))?;
-    }
-    if parts.next().is_some() {
-        bail!("invalid MAC address {text:?}: expected six hex pairs like 52:54:00:aa:bb:cc");
-    }
-    Ok(mac)
-}
-
-/// Serde for `[u8; 6]` as `"52:54:00:aa:bb:cc"`, so JSON output is readable: `#[serde(with = "mac_text")]`.
-pub mod mac_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_mac(*mac))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_mac(&text).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const A: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0x01];
-    const B: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0x02];
+    const A: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0x01]);
+    const B: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0x02]);
 
-    fn lease(mac: [u8; 6], ip: [u8; 4], expires: u64) -> Lease {
+    fn lease(mac: Mac, ip: [u8; 4], expires: u64) -> Lease {
         Lease { mac, ip: ip.into(), expires, hostname: Some("n1".into()) }
     }
 
@@ -621,13 +649,53 @@ mod tests {
     }
 
     #[test]
-    fn mac_text_round_trips() {
-        assert_eq!(format_mac(A), "52:54:00:aa:bb:01");
-        assert_eq!(parse_mac("52-54-00-AA-BB-01").unwrap(), A);
-        assert!(parse_mac("52:54:00:aa:bb").is_err());
-        assert!(parse_mac("52:54:00:aa:bb:01:02").is_err());
-        let json = serde_json::to_string(&lease(A, [10, 0, 0, 5], 1)).unwrap();
-        assert!(json.contains("\"52:54:00:aa:bb:01\""), "{json}");
-        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), lease(A, [10, 0, 0, 5], 1));
+    fn caps_drop_the_oldest_and_count_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        state.set_limits(StateLimits { max_discovered: 3, max_events: 10 });
+        let mac = |i: u8| Mac([0x52, 0x54, 0, 0, 1, i]);
+        let records: Vec<Record> = (0..5u8)
+            .map(|i| Record::Discovered { mac: mac(i), arch: None, vendor_class: None, time: 100 + i as u64 })
+            .collect();
+        state.record(&records).unwrap();
+        // Seen again: no longer the stalest.
+        state.record_discovered(mac(2), None, None, 200).unwrap();
+        state.record_discovered(mac(5), None, None, 201).unwrap();
+        let mut kept: Vec<Mac> = state.discovered().unwrap().into_iter().map(|d| d.mac).collect();
+        kept.sort();
+        assert_eq!(kept, [mac(2), mac(4), mac(5)]);
+        for i in 0..25u64 {
+            state.record_event(mac((i % 4) as u8), "x", &i.to_string(), i).unwrap();
+        }
+        let events = state.events(None, usize::MAX).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
+            (15..25).map(|i| i.to_string()).collect::<Vec<_>>()
+        );
+        assert_eq!(state.dropped(), (15, 3));
+        // Reopened, the caps still hold what was kept (they are the server's to set again).
+        drop(state);
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(state.summary().unwrap().events, 10);
+        assert_eq!(state.events(Some(mac(3)), usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn offers_are_held_in_memory_and_acks_batched_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let state = State::open(dir.path()).unwrap();
+            state.stage_lease(&lease(A, [10, 0, 0, 5], 1000));
+            assert_eq!(state.lease_on([10, 0, 0, 5].into()).unwrap().mac, A, "an offer holds its address at once");
+            let staged = vec![
+                state.stage_lease(&lease(B, [10, 0, 0, 6], 2000)),
+                state.stage_lease(&lease(A, [10, 0, 0, 7], 3000)),
+            ];
+            state.commit_leases(&staged).unwrap();
+        }
+        let state = State::open(dir.path()).unwrap();
+        let mut on_disk: Vec<(Mac, Ipv4Addr)> = state.leases().unwrap().iter().map(|l| (l.mac, l.ip)).collect();
+        on_disk.sort();
+        assert_eq!(on_disk, [(A, [10, 0, 0, 7].into()), (B, [10, 0, 0, 6].into())], "the offer was not written");
     }
 }

@@ -1,5 +1,5 @@
-//! `kiln node ls|add|set|rm`: the node list in `kiln.toml`, edited in place (comments, order and
-//! formatting of everything else are kept), and the machines discovery recorded.
+//! `kiln node add|set|rm`: the node list in `kiln.toml`, edited in place (comments, order and formatting of
+//! everything else are kept).
 //!
 //! Every edit is checked by parsing the whole edited recipe and resolving its nodes (duplicate
 //! MACs and addresses, unknown profiles) before the file is replaced atomically, so a rejected
@@ -8,10 +8,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 
-use super::config::{resolve_nodes, Ipv4Cidr, Mac, Node};
-use crate::recipe::{check_name, parse};
+use super::nodes::{resolve_nodes, Node};
+use super::{check_name, parse};
+use crate::net::{Ipv4Cidr, Mac};
 
 /// Settings given on the command line; `None` leaves a key as it is.
 #[derive(Debug, Default, Clone)]
@@ -131,21 +131,9 @@ pub fn rm(path: &Path, name: &str) -> Result<()> {
     save(path, &doc)
 }
 
-/// A row of `kiln node ls --unknown`.
-#[derive(Debug, Serialize)]
-pub struct UnknownMachine {
-    pub mac: String,
-    pub first_seen: u64,
-    pub last_seen: u64,
-    pub count: u64,
-    pub arch: Option<u16>,
-    pub vendor_class: Option<String>,
-}
-
+/// The nodes of the recipe at `path`, with their profiles applied.
 pub fn list(path: &Path) -> Result<Vec<Node>> {
-    let loaded = crate::recipe::LoadedRecipe::load(path)?;
-    let server = loaded.recipe.server.clone().unwrap_or_default();
-    resolve_nodes(&server, &loaded.recipe.profile, &loaded.recipe.node).with_context(|| path.display().to_string())
+    super::LoadedRecipe::load(path)?.nodes()
 }
 
 #[cfg(test)]

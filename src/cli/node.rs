@@ -1,0 +1,194 @@
+//! `kiln node ls|add|set|rm|events`: the recipe's nodes, and what the boot server recorded about machines.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::StoreArg;
+use crate::net::Mac;
+use crate::recipe::edit::{self, NodeEdit};
+use crate::recipe::LoadedRecipe;
+use crate::serve::control::{self, Query};
+use crate::serve::state::{BootEvent, Discovered};
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeFields {
+    /// MAC address (52:54:00:aa:bb:42).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// The [image.NAME] it boots.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// A [profile.NAME] to take settings from.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Its address, optionally with a prefix (10.4.0.42/24).
+    #[arg(long)]
+    pub ipv4: Option<String>,
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Default: the node's name.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Appended to the bundle's kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    #[arg(long)]
+    pub vlan: Option<u16>,
+    /// Free-form tag (repeatable); replaces the node's tags.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+impl NodeFields {
+    fn edit(&self) -> NodeEdit {
+        NodeEdit {
+            mac: self.mac.clone(),
+            image: self.image.clone(),
+            profile: self.profile.clone(),
+            ipv4: self.ipv4.clone(),
+            gateway: self.gateway.clone(),
+            hostname: self.hostname.clone(),
+            cmdline: self.cmdline.clone(),
+            vlan: self.vlan,
+            tags: (!self.tags.is_empty()).then(|| self.tags.clone()),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the nodes of the recipe (with --unknown: machines that asked to boot but are not nodes).
+    Ls {
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        unknown: bool,
+        /// Where the server keeps its state (default: [server] state_dir, else <store>/state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a [node.NAME] table to the recipe. Example: kiln node add n042 --mac 52:54:00:aa:bb:42 --image compute
+    Add {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Change settings of a node.
+    Set {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        fields: NodeFields,
+    },
+    /// Show the boot log: what each machine asked for (DHCP, TFTP, script, kernel and initrds, overlay), oldest
+    /// first. Reads the state directory, or asks the running `kiln serve` that holds it.
+    ///
+    ///   kiln node events --mac 52:54:00:aa:bb:42 --limit 20
+    Events {
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only this machine's events (a MAC address, or a node name from the recipe).
+        #[arg(long)]
+        mac: Option<String>,
+        /// How many events at most (the newest ones).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where the server keeps its state (default: [server] state_dir, else <store>/state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node from the recipe.
+    Rm {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+    },
+}
+
+/// `kiln node`.
+pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        NodeCommand::Ls { recipe, store, unknown, state_dir, json } => {
+            if unknown {
+                let known: Vec<_> = if recipe.exists() { edit::list(&recipe)? } else { vec![] };
+                let dir = state_dir_of(&recipe, &store, state_dir.as_deref())?;
+                let all: Vec<Discovered> = serde_json::from_value(control::ask(&dir, &Query::Discovered)?)?;
+                let rows: Vec<_> = all.into_iter().filter(|d| !known.iter().any(|n| n.mac == d.mac)).collect();
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+                } else {
+                    for d in &rows {
+                        writeln!(out, "{}", serde_json::to_string(d)?)?;
+                    }
+                }
+            } else {
+                let list = edit::list(&recipe)?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+                } else {
+                    for n in &list {
+                        let ip = n.ipv4.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                        writeln!(out, "{:<16} {} {:<15} {:<16} {}", n.name, n.mac, ip, n.image, n.hostname)?;
+                    }
+                }
+            }
+        }
+        NodeCommand::Add { name, recipe, fields } => edit::add(&recipe, &name, &fields.edit())?,
+        NodeCommand::Set { name, recipe, fields } => edit::set(&recipe, &name, &fields.edit())?,
+        NodeCommand::Rm { name, recipe } => edit::rm(&recipe, &name)?,
+        NodeCommand::Events { recipe, store, mac, limit, state_dir, json } => {
+            let known = if recipe.exists() { edit::list(&recipe)? } else { vec![] };
+            let mac = match mac {
+                None => None,
+                Some(m) => match known.iter().find(|n| n.name == m) {
+                    Some(n) => Some(n.mac),
+                    None => Some(m.parse::<Mac>().with_context(|| {
+                        format!("--mac {m:?}: neither a MAC address nor a node of {}", recipe.display())
+                    })?),
+                },
+            };
+            let dir = state_dir_of(&recipe, &store, state_dir.as_deref())?;
+            let events: Vec<BootEvent> = serde_json::from_value(control::ask(&dir, &Query::Events { mac, limit })?)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&events)?)?;
+            } else {
+                for e in &events {
+                    let name = known.iter().find(|n| n.mac == e.mac).map(|n| n.name.as_str()).unwrap_or("unknown");
+                    writeln!(
+                        out,
+                        "{} {} {:<12} {:<10} {}",
+                        crate::util::utc_time(e.time),
+                        e.mac,
+                        name,
+                        e.kind,
+                        e.detail
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The state directory a node command reads, chosen as `kiln serve` chooses it ([`crate::serve::state_dir`]).
+fn state_dir_of(recipe: &Path, store: &StoreArg, given: Option<&Path>) -> Result<PathBuf> {
+    let loaded = if given.is_none() && recipe.exists() { Some(LoadedRecipe::load(recipe)?) } else { None };
+    let server = loaded.as_ref().and_then(|l| l.recipe.server.as_ref());
+    Ok(crate::serve::state_dir(given, server, &store.root()))
+}
