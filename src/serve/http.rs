@@ -389,14 +389,15 @@ async fn send_file(
 }
 
 /// Whether `client` may have the overlay of node `mac`: it is the node's reserved address, the address leased to
-/// it, or inside `[server] overlay_allow`. Overlays carry hosts files, keys and the admin's templates (sites put
+/// it (or, in proxy mode, the address it was seen requesting from the site's DHCP server), or inside
+/// `[server] overlay_allow`. Overlays carry hosts files, keys and the admin's templates (sites put
 /// secrets there), and MACs are easy to guess.
 fn overlay_allowed(site: &Site, state: Option<&State>, mac: Mac, client: IpAddr) -> bool {
     let IpAddr::V4(v4) = canonical(client) else { return false };
     if site.node(mac).and_then(|n| n.ipv4) == Some(v4) || site.overlay_allow.iter().any(|net| net.contains(v4)) {
         return true;
     }
-    state.and_then(|s| s.lease(mac).ok().flatten()).is_some_and(|l| l.ip == v4 && l.active(crate::util::unix_now()))
+    state.and_then(|s| s.address_of(mac, crate::util::unix_now())) == Some(v4)
 }
 
 /// An IPv4 client seen through an IPv6 socket is still an IPv4 client.

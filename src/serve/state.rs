@@ -124,6 +124,9 @@ pub struct State {
     /// Declined addresses and the time until which they are not offered.
     declined: Mutex<HashMap<Ipv4Addr, u64>>,
     limits: Mutex<StateLimits>,
+    /// Addresses nodes were seen taking from another DHCP server (proxy mode), until when: memory only, one per
+    /// node of the recipe (only known nodes are noted).
+    observed: Mutex<HashMap<Mac, (Ipv4Addr, u64)>>,
     /// Discovered machines by last sighting, to forget the stalest first without a scan.
     discovered_by_age: Mutex<DiscoveredIndex>,
     /// Records dropped at a cap since the server started: (events, discovered machines).
@@ -216,6 +219,7 @@ impl State {
             leases: Mutex::new(leases),
             declined: Mutex::new(declined),
             limits: Mutex::new(StateLimits::default()),
+            observed: Mutex::new(HashMap::new()),
             discovered_by_age: Mutex::new(discovered),
             dropped_events: AtomicU64::new(0),
             dropped_discovered: AtomicU64::new(0),
@@ -226,6 +230,20 @@ impl State {
     /// effect with the next record.
     pub fn set_limits(&self, limits: StateLimits) {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    /// Notes that node `mac` took `ip` from another DHCP server (proxy mode), valid until `until`.
+    pub fn observe(&self, mac: Mac, ip: Ipv4Addr, until: u64) {
+        self.observed.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, (ip, until));
+    }
+
+    /// The address `mac` holds at `now`: its lease from this server, else the one it was seen taking from another.
+    pub fn address_of(&self, mac: Mac, now: u64) -> Option<Ipv4Addr> {
+        if let Some(lease) = self.cache().by_mac.get(&mac).filter(|l| l.active(now)) {
+            return Some(lease.ip);
+        }
+        let observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        observed.get(&mac).filter(|(_, until)| *until > now).map(|(ip, _)| *ip)
     }
 
     /// Records dropped at a cap since the server started: (boot events, discovered machines).

@@ -156,6 +156,9 @@ pub struct Reply {
     /// Set on a DISCOVER from a machine that is not in the node list: the caller records it.
     pub unknown: Option<UnknownClient>,
     pub event: Option<DhcpEvent>,
+    /// In proxy mode: a node asked the site's DHCP server for this address (its DHCPREQUEST is broadcast), so
+    /// the node is there; the server lets that address fetch the node's overlay.
+    pub observed: Option<(Mac, Ipv4Addr)>,
 }
 
 /// Decides the answer to one DHCP request received on port 67. `None`: nothing to send and nothing to note
@@ -164,7 +167,7 @@ pub fn respond(req: &[u8], ctx: &DhcpContext, leases: &mut dyn LeaseBook, now: u
     let request = parse_or_count(req)?;
     match ctx.mode {
         DhcpMode::Off => None,
-        DhcpMode::Proxy => proxy_offer(&request, ctx),
+        DhcpMode::Proxy => proxy_offer(&request, ctx).or_else(|| proxy_observe(&request, ctx)),
         DhcpMode::Full => full(&request, ctx, leases, now),
     }
 }
@@ -183,7 +186,7 @@ pub fn respond_proxy(req: &[u8], ctx: &DhcpContext, from: SocketAddrV4) -> Optio
     add_boot(&mut msg, &request, ctx, &boot, true);
     let to = if from.ip().is_unspecified() { SocketAddrV4::new(Ipv4Addr::BROADCAST, DHCP_CLIENT_PORT) } else { from };
     let event = DhcpEvent { mac: request.mac, kind: DhcpEventKind::ProxyAck, ip: None, boot_file: Some(boot), known };
-    Some(Reply { packet: encode(&msg, to), unknown: None, event: Some(event) })
+    Some(Reply { observed: None, packet: encode(&msg, to), unknown: None, event: Some(event) })
 }
 
 fn parse_or_count(req: &[u8]) -> Option<Request> {
@@ -205,6 +208,17 @@ fn boot_for(request: &Request, ctx: &DhcpContext, known: bool) -> Option<BootFil
     boot_file(ctx, &request.client, request.mac)
 }
 
+/// proxyDHCP: a node's DHCPREQUEST to the site's server names the address it takes (option 50, or `ciaddr`
+/// when renewing). Nothing is sent; the address is noted for the node.
+fn proxy_observe(request: &Request, ctx: &DhcpContext) -> Option<Reply> {
+    if request.kind != MessageType::Request || !ctx.is_known(request.mac) {
+        return None;
+    }
+    let ciaddr = request.msg.ciaddr();
+    let ip = request.requested_ip.or((!ciaddr.is_unspecified()).then_some(ciaddr))?;
+    Some(Reply { observed: Some((request.mac, ip)), packet: None, unknown: None, event: None })
+}
+
 /// proxyDHCP on port 67: a PXE client's DISCOVER gets boot information without an address.
 fn proxy_offer(request: &Request, ctx: &DhcpContext) -> Option<Reply> {
     if request.kind != MessageType::Discover || !(request.client.is_pxe() || request.client.is_http()) {
@@ -216,12 +230,12 @@ fn proxy_offer(request: &Request, ctx: &DhcpContext) -> Option<Reply> {
     }
     let unknown = (!known).then(|| request.unknown_client());
     let Some(boot) = boot_for(request, ctx, known) else {
-        return unknown.map(|u| Reply { packet: None, unknown: Some(u), event: None });
+        return unknown.map(|u| Reply { observed: None, packet: None, unknown: Some(u), event: None });
     };
     let mut msg = reply_to(request, MessageType::Offer, ctx);
     add_boot(&mut msg, request, ctx, &boot, true);
     let event = DhcpEvent { mac: request.mac, kind: DhcpEventKind::ProxyOffer, ip: None, boot_file: Some(boot), known };
-    Some(Reply { packet: encode(&msg, destination(request)), unknown, event: Some(event) })
+    Some(Reply { observed: None, packet: encode(&msg, destination(request)), unknown, event: Some(event) })
 }
 
 /// Full (authoritative) mode.
@@ -249,7 +263,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
         MessageType::Discover => {
             let Some(ip) = choose_address(ctx, net, mac, &*book, now) else {
                 warn!(mac = %mac, subnet = %net.subnet.network(), "no address to offer");
-                return unknown.map(|u| Reply { packet: None, unknown: Some(u), event: None });
+                return unknown.map(|u| Reply { observed: None, packet: None, unknown: Some(u), event: None });
             };
             // Hold the address for this client (without shortening a lease it already has on it).
             let expires = match book.lease_of(mac) {
@@ -268,6 +282,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
             }
             info!(mac = %mac, %ip, boot = ?boot.as_ref().map(|b| &b.name), "DHCPOFFER");
             Some(Reply {
+                observed: None,
                 packet: encode(&msg, destination(request)),
                 unknown,
                 event: event(DhcpEventKind::Offer, Some(ip), boot),
@@ -294,6 +309,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                     SocketAddrV4::new(request.msg.giaddr(), DHCP_SERVER_PORT)
                 };
                 return Some(Reply {
+                    observed: None,
                     packet: encode(&msg, to),
                     unknown: None,
                     event: event(DhcpEventKind::Nak, Some(requested), None),
@@ -310,6 +326,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
             }
             info!(mac = %mac, ip = %expected, boot = ?boot.as_ref().map(|b| &b.name), "DHCPACK");
             Some(Reply {
+                observed: None,
                 packet: encode(&msg, destination(request)),
                 unknown: None,
                 event: event(DhcpEventKind::Ack, Some(expected), boot),
@@ -321,7 +338,12 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
             // Keep the record, expired: the machine gets the same address back if it is still free.
             persist(book, Lease { expires: now, ..lease })?;
             info!(mac = %mac, %ip, "DHCPRELEASE");
-            Some(Reply { packet: None, unknown: None, event: event(DhcpEventKind::Release, Some(ip), None) })
+            Some(Reply {
+                observed: None,
+                packet: None,
+                unknown: None,
+                event: event(DhcpEventKind::Release, Some(ip), None),
+            })
         }
         MessageType::Decline => {
             let ip = request.requested_ip?;
@@ -331,7 +353,12 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                 warn!("{e:#}");
             }
             persist(book, Lease { expires: now, ..lease })?;
-            Some(Reply { packet: None, unknown: None, event: event(DhcpEventKind::Decline, Some(ip), None) })
+            Some(Reply {
+                observed: None,
+                packet: None,
+                unknown: None,
+                event: event(DhcpEventKind::Decline, Some(ip), None),
+            })
         }
         MessageType::Inform => {
             let mut msg = reply_to(request, MessageType::Ack, ctx);
@@ -341,6 +368,7 @@ fn full(request: &Request, ctx: &DhcpContext, book: &mut dyn LeaseBook, now: u64
                 add_boot(&mut msg, request, ctx, boot, false);
             }
             Some(Reply {
+                observed: None,
                 packet: encode(&msg, destination(request)),
                 unknown: None,
                 event: event(DhcpEventKind::Inform, None, boot),

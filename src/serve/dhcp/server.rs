@@ -169,6 +169,9 @@ impl Worker {
                     warn!(to = %out.to, "sending a DHCP reply: {e}");
                 }
             }
+            if let Some((mac, ip)) = reply.observed {
+                self.state.observe(mac, ip, now + u64::from(context.lease_secs));
+            }
             if let Some(u) = reply.unknown {
                 records.push(Record::Discovered { mac: u.mac, arch: u.arch, vendor_class: u.vendor_class, time: now });
             }

@@ -411,6 +411,17 @@ fn proxy_mode_answers_pxe_clients_with_boot_information_only() {
 }
 
 #[test]
+fn proxy_mode_notes_the_address_a_node_takes_from_the_sites_server() {
+    let ctx = context(DhcpMode::Proxy);
+    let mut book = MemoryLeases::default();
+    let taken = vec![DhcpOption::RequestedIpAddress([10, 4, 0, 57].into())];
+    let reply = run(&ctx, &mut book, &request(MessageType::Request, NODE, taken.clone())).unwrap();
+    assert_eq!((reply.packet, reply.event, reply.observed), (None, None, Some((NODE, [10, 4, 0, 57].into()))));
+    // Only nodes of the recipe are noted: the server's memory of them is bounded by the node list.
+    assert_eq!(run(&ctx, &mut book, &request(MessageType::Request, STRANGER, taken)), None);
+}
+
+#[test]
 fn pxe_port_acks_with_the_same_boot_information() {
     let ctx = context(DhcpMode::Proxy);
     let mut req = request(MessageType::Request, NODE, pxe(EFI, 7));
