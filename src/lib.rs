@@ -13,6 +13,7 @@ pub mod archive;
 pub mod build;
 pub mod bundle;
 pub mod cli;
+pub mod distribute;
 pub mod image;
 pub mod ipxe;
 pub mod net;
