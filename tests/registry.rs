@@ -147,6 +147,9 @@ dhcp = "off"
 mac = "52:54:00:00:07:01"
 image = "tiny"
 ipv4 = "10.7.0.11"
+
+[appliance]
+image = "tiny"
 "#,
     )
     .unwrap();
@@ -333,6 +336,12 @@ fn export_then_import_into_an_empty_store_elsewhere() {
     assert!(imported.contains(&store_d.join("store").display().to_string()), "{imported}");
     let again = kiln_ok(&d, &store_d, &["build", "--quiet", "--name", "tiny"]);
     assert_eq!(again.trim(), tiny_d.to_str().unwrap());
+    // An appliance ISO made from the imported store is the one the build machine makes.
+    let iso = |dir: &Path, store: &Path| -> String {
+        let v: serde_json::Value = serde_json::from_str(&kiln_ok(dir, store, &["appliance", "--quiet", "--json"])).unwrap();
+        v["sha256"].as_str().unwrap().to_string()
+    };
+    assert_eq!(iso(&d, &store_d), iso(&a, &store_a));
     // Importing twice adds nothing; an existing recipe is kept unless --force.
     let err = kiln_err(&d, &store_d, &["import", archive.to_str().unwrap()]);
     assert!(err.contains("--force"), "{err}");
