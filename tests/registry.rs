@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,7 +27,9 @@ impl Registry {
     /// Requests that upload blob bytes, so far (the access log's PATCH and PUT of blob uploads).
     fn blob_uploads(&self) -> usize {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("\"PATCH /v2/") || (l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/"))).count()
+        log.lines()
+            .filter(|l| l.contains("\"PATCH /v2/") || (l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/")))
+            .count()
     }
 }
 
@@ -172,7 +174,10 @@ fn files_of(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn names(built: &[serde_json::Value]) -> Vec<String> {
-    built.iter().map(|b| Path::new(b["path"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned()).collect()
+    built
+        .iter()
+        .map(|b| Path::new(b["path"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -219,7 +224,8 @@ fn push_then_substitute_pull_and_push_again() {
     assert!(err.contains("tiny-oci"), "{err}");
 
     // kiln pull: fills an empty store for the recipe, builds nothing.
-    let pulled = json_lines(&kiln_ok(&c, &work.path().join("store-c"), &["pull", &reg.url(), "--tls-verify=false", "--json"]));
+    let pulled =
+        json_lines(&kiln_ok(&c, &work.path().join("store-c"), &["pull", &reg.url(), "--tls-verify=false", "--json"]));
     assert_eq!(pulled.len(), 2);
     assert!(kiln_ok(&c, &work.path().join("store-c"), &["store", "verify"]).contains("2 output(s) verified"));
 }
@@ -293,7 +299,8 @@ fn export_then_import_into_an_empty_store_elsewhere() {
     fs::write(a.join("kiln.toml"), recipe).unwrap();
     let store_a = work.path().join("store-a");
     kiln_ok(&a, &store_a, &["build", "--quiet"]);
-    let e: serde_json::Value = serde_json::from_str(&kiln_ok(&a, &store_a, &["export", "site.kiln", "--json"])).unwrap();
+    let e: serde_json::Value =
+        serde_json::from_str(&kiln_ok(&a, &store_a, &["export", "site.kiln", "--json"])).unwrap();
     assert_eq!(e["outputs"], 1, "the served closure: the one image the node boots");
     let archive = a.join("site.kiln");
     assert_eq!(e["sha256"].as_str().unwrap(), sha256_hex(&archive));
@@ -338,7 +345,8 @@ fn export_then_import_into_an_empty_store_elsewhere() {
     assert_eq!(again.trim(), tiny_d.to_str().unwrap());
     // An appliance ISO made from the imported store is the one the build machine makes.
     let iso = |dir: &Path, store: &Path| -> String {
-        let v: serde_json::Value = serde_json::from_str(&kiln_ok(dir, store, &["appliance", "--quiet", "--json"])).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&kiln_ok(dir, store, &["appliance", "--quiet", "--json"])).unwrap();
         v["sha256"].as_str().unwrap().to_string()
     };
     assert_eq!(iso(&d, &store_d), iso(&a, &store_a));
@@ -346,6 +354,7 @@ fn export_then_import_into_an_empty_store_elsewhere() {
     let err = kiln_err(&d, &store_d, &["import", archive.to_str().unwrap()]);
     assert!(err.contains("--force"), "{err}");
     let r: serde_json::Value =
-        serde_json::from_str(&kiln_ok(&d, &store_d, &["import", archive.to_str().unwrap(), "--force", "--json"])).unwrap();
+        serde_json::from_str(&kiln_ok(&d, &store_d, &["import", archive.to_str().unwrap(), "--force", "--json"]))
+            .unwrap();
     assert_eq!(r["added"], 0);
 }

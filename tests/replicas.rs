@@ -88,7 +88,8 @@ fn registry(dir: &Path, addr: &str) -> Proc {
         ),
     )
     .unwrap();
-    let child = Command::new("docker-registry").arg("serve").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+    let child =
+        Command::new("docker-registry").arg("serve").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
     let p = Proc(child.expect("starting docker-registry"));
     wait_for("the registry", Duration::from_secs(30), || std::net::TcpStream::connect(addr).is_ok());
     p
@@ -138,7 +139,8 @@ impl Replica {
             .stderr(fs::File::create(dir.join("serve.err")).unwrap())
             .spawn()
             .unwrap();
-        let r = Replica { _proc: Proc(child), ns: ns.to_string(), dir: dir.to_path_buf(), addr: addr.to_string(), http };
+        let r =
+            Replica { _proc: Proc(child), ns: ns.to_string(), dir: dir.to_path_buf(), addr: addr.to_string(), http };
         wait_for(&format!("the replica in {ns} to say {expect:?}"), Duration::from_secs(60), || {
             r.output().contains(expect)
         });
@@ -217,8 +219,11 @@ fn two_replicas_pull_from_one_registry_and_serve_the_same_boot() {
 
     // A new node on another image: the recipe is edited and reloaded; the replica pulls what it needs.
     let r1 = &replicas[0];
-    fs::write(r1.dir.join("kiln.toml"), recipe(&format!("{}/24", r1.addr), &remote, &[(NODE, "tiny"), (NODE2, "other")]))
-        .unwrap();
+    fs::write(
+        r1.dir.join("kiln.toml"),
+        recipe(&format!("{}/24", r1.addr), &remote, &[(NODE, "tiny"), (NODE2, "other")]),
+    )
+    .unwrap();
     kiln_ok(&build, &build.join("store"), &["build", "--quiet"]);
     // `ip netns exec` execs kiln, so the child's pid is kiln serve's.
     sh(&format!("kill -HUP {}", r1._proc.0.id()));

@@ -185,7 +185,13 @@ pub fn build_bundle(
     build_planned(store, spec, resolved, &plan, threads)
 }
 
-fn build_planned(store: &Store, spec: &BundleSpec, resolved: ResolvedImage, plan: &Plan, threads: usize) -> Result<Built> {
+fn build_planned(
+    store: &Store,
+    spec: &BundleSpec,
+    resolved: ResolvedImage,
+    plan: &Plan,
+    threads: usize,
+) -> Result<Built> {
     let mut progress = Progress::new(format!("build {}", spec.name));
     let (hash, sde, arch) = (plan.hash.clone(), plan.sde, plan.arch.clone());
     let reference = Identity::of(&resolved).reference;
@@ -318,7 +324,10 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
             _ => {
                 let r = image::resolve(&source, &fetch).with_context(|| {
                     let hint = if local_source_absent(&source) {
-                        format!(" ({} records no identity for it: build where the source is, then copy kiln.lock)", lock_path.display())
+                        format!(
+                            " ({} records no identity for it: build where the source is, then copy kiln.lock)",
+                            lock_path.display()
+                        )
                     } else {
                         String::new()
                     };

@@ -108,7 +108,8 @@ fn ipxe_targets(store: &Store, build: &str, dir: &Path) -> Result<Vec<SiteOutput
         .with_context(|| format!("{}: not a valid manifest", dir.display()))?;
     let mut out = Vec::new();
     for t in manifest.get("targets").and_then(Value::as_object).into_iter().flat_map(|m| m.values()) {
-        let (Some(file), Some(hash)) = (t.get("file").and_then(Value::as_str), t.get("input_hash").and_then(Value::as_str))
+        let (Some(file), Some(hash)) =
+            (t.get("file").and_then(Value::as_str), t.get("input_hash").and_then(Value::as_str))
         else {
             continue;
         };
@@ -266,7 +267,8 @@ pub fn import(store: &Store, archive: &Path, dest: &Path, force: bool) -> Result
         }
     }
     for (root, path) in &imported.roots {
-        let (kind, name) = RootKind::split(root).with_context(|| format!("the closure names an unknown root {root}"))?;
+        let (kind, name) =
+            RootKind::split(root).with_context(|| format!("the closure names an unknown root {root}"))?;
         store.add_root(kind, name, path)?;
     }
     crate::util::mkdir_p(dest)?;

@@ -10,8 +10,8 @@ use clap::Args;
 use super::StoreArg;
 use crate::archive::Compression;
 use crate::build::{self, BuildOptions};
-use crate::distribute::Substituters;
 use crate::bundle::{BundleSpec, KernelSpec, DEFAULT_CMDLINE};
+use crate::distribute::Substituters;
 use crate::image::{FetchOptions, RegistryOptions, Source};
 use crate::recipe::{check_name, LoadedRecipe};
 

@@ -200,7 +200,9 @@ fn extract(archive: &Path, dir: &Path) -> Result<()> {
 pub fn import(store: &Store, archive: &Path) -> Result<Imported> {
     let work = tempfile::Builder::new().prefix("import-").tempdir_in(store.tmp_dir())?;
     let layout = work.path();
-    let refuse = |e: anyhow::Error| e.context(format!("{} is damaged or not a kiln closure; nothing was imported", archive.display()));
+    let refuse = |e: anyhow::Error| {
+        e.context(format!("{} is damaged or not a kiln closure; nothing was imported", archive.display()))
+    };
     extract(archive, layout).map_err(refuse)?;
     let tags = artifact::layout_index(layout).map_err(refuse)?;
     let site_digest = tags.get(SITE_TAG).with_context(|| format!("no artifact tagged {SITE_TAG}")).map_err(refuse)?;

@@ -144,14 +144,16 @@ fn fetch_verified(
         Probe::Missing => return Ok(None),
         Probe::Found(raw) => crate::util::Digest::of_bytes(&raw),
     };
+    // The remote answered: from here on, a failure is this artifact's, not the remote's being down.
+    let reject = |e: anyhow::Error| anyhow::Error::new(Reject(format!("{e:#}")));
     let tmp = tempfile::Builder::new().prefix("pull-").tempdir_in(store.tmp_dir())?;
-    skopeo::copy(&remote.at(tag), &skopeo::layout_ref(tmp.path(), tag), opts, COPY_TIMEOUT)?;
-    let tags = artifact::layout_index(tmp.path())?;
-    let got = tags.get(tag).context("skopeo wrote no manifest for the tag")?;
+    skopeo::copy(&remote.at(tag), &skopeo::layout_ref(tmp.path(), tag), opts, COPY_TIMEOUT).map_err(reject)?;
+    let tags = artifact::layout_index(tmp.path()).map_err(reject)?;
+    let got = tags.get(tag).context("skopeo wrote no manifest for the tag").map_err(reject)?;
     if *got != digest {
-        bail!("the registry answered with two manifests for {tag} ({digest}, then {got})");
+        return Err(reject(anyhow::anyhow!("the remote answered with two manifests for {tag} ({digest}, then {got})")));
     }
-    let verified = artifact::verify(tmp.path(), got, expected).with_context(|| remote.at(tag))?;
+    let verified = artifact::verify(tmp.path(), got, expected).map_err(reject)?;
     Ok(Some((tmp, verified)))
 }
 
@@ -226,7 +228,7 @@ impl Substituters {
             match fetch(store, remote, &tag, Some(hash), &self.registry) {
                 Ok(Some((path, size))) => return Some(Substituted { path, from: key, size }),
                 Ok(None) => tracing::info!("substituter {remote} has no {tag}"),
-                Err(e) if e.chain().any(|c| c.to_string().starts_with("copying ") || c.is::<Reject>()) => {
+                Err(e) if e.is::<Reject>() => {
                     crate::util::say(format!("kiln: substituter {remote}: {tag} refused ({e:#}); building it locally"));
                 }
                 Err(e) => {

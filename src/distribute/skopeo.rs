@@ -37,11 +37,14 @@ fn is_docker(reference: &str) -> bool {
     reference.starts_with("docker://")
 }
 
-/// The first line of skopeo's error that says what went wrong (its messages nest causes with `: `).
+/// What went wrong, from skopeo's last error line (`time=… level=fatal msg="…"`): the message, unquoted.
 fn reason(stderr: &[u8]) -> String {
     let text = tail(stderr, 5);
     let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("skopeo failed").trim();
-    line.trim_start_matches("time=").to_string()
+    match line.split_once("msg=\"") {
+        Some((_, msg)) => msg.strip_suffix('"').unwrap_or(msg).replace("\\\"", "\""),
+        None => line.to_string(),
+    }
 }
 
 fn missing(stderr: &str) -> bool {
@@ -70,7 +73,7 @@ pub fn probe(reference: &str, opts: &RegistryOptions, timeout: Duration) -> Resu
     if missing(&err) {
         return Ok(Probe::Missing);
     }
-    bail!("{reference}: {}", reason(&out.stderr))
+    bail!("{}", reason(&out.stderr))
 }
 
 /// Copies the artifact `from` to `to` (one of them an OCI layout `oci:DIR:TAG`), blobs verified by skopeo.
@@ -107,6 +110,7 @@ mod tests {
         assert!(missing("reading manifest x in 127.0.0.1:5000/kiln: manifest unknown: manifest unknown"));
         assert!(missing("initializing source docker://h/r:t: reading manifest t in h/r: name unknown: repository name not known to registry"));
         assert!(!missing("pinging container registry 127.0.0.1:1: Get \"https://127.0.0.1:1/v2/\": dial tcp 127.0.0.1:1: connect: connection refused"));
-        assert_eq!(reason(b"time=\"x\" level=fatal msg=\"boom\"\n"), "\"x\" level=fatal msg=\"boom\"");
+        assert_eq!(reason(b"time=\"x\" level=fatal msg=\"a \\\"b\\\": boom\"\n"), "a \"b\": boom");
+        assert_eq!(reason(b"plain failure\n"), "plain failure");
     }
 }
