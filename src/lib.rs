@@ -5,7 +5,7 @@
 //! it (docs/architecture.md has the map):
 //!
 //! [`util`], [`net`] (shared pieces) → [`recipe`] (kiln.toml and kiln.lock as plain types) →
-//! [`image`], [`archive`] → [`bundle`] → [`store`] → [`build`], [`ipxe`] → [`serve`] →
+//! [`image`], [`archive`] → [`bundle`] → [`store`] → [`distribute`] → [`build`], [`ipxe`] → [`serve`] →
 //! [`appliance`] → [`cli`] (clap types and printing) → `main`.
 
 pub mod appliance;
