@@ -5,7 +5,7 @@
 //! it (docs/architecture.md has the map):
 //!
 //! [`util`], [`net`] (shared pieces) → [`recipe`] (kiln.toml and kiln.lock as plain types) →
-//! [`image`], [`archive`] → [`bundle`] → [`store`] → [`build`], [`ipxe`] → [`serve`] →
+//! [`image`], [`archive`] → [`bundle`] → [`store`] → [`distribute`] → [`build`], [`ipxe`] → [`serve`] →
 //! [`appliance`] → [`cli`] (clap types and printing) → `main`.
 
 pub mod appliance;
@@ -13,6 +13,7 @@ pub mod archive;
 pub mod build;
 pub mod bundle;
 pub mod cli;
+pub mod distribute;
 pub mod image;
 pub mod ipxe;
 pub mod net;

@@ -69,6 +69,13 @@ impl RootKind {
             RootKind::Appliance => "appliance",
         }
     }
+
+    /// `image-compute` → (`Image`, `compute`): a root's name as `roots/` spells it.
+    pub fn split(root: &str) -> Option<(RootKind, &str)> {
+        let (kind, name) = root.split_once('-')?;
+        let kind = [RootKind::Image, RootKind::Ipxe, RootKind::Appliance].into_iter().find(|k| k.as_str() == kind)?;
+        Some((kind, name))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -141,8 +148,13 @@ pub fn input_hash(inputs: &serde_json::Value) -> String {
 impl Store {
     /// Opens (creating if needed) the store at `root` and takes a shared lock on it.
     pub fn open(root: &Path) -> Result<Store> {
-        for sub in ["store", "tmp", "roots"] {
-            mkdir_p(&root.join(sub)).with_context(|| format!("opening the store at {}", root.display()))?;
+        // The store is read by servers that may run as another user: directories kiln creates are 0755
+        // whatever the umask (a directory that already exists keeps the mode its owner gave it).
+        for dir in [root.to_path_buf(), root.join("store"), root.join("tmp"), root.join("roots")] {
+            if !dir.is_dir() {
+                mkdir_p(&dir).with_context(|| format!("opening the store at {}", root.display()))?;
+                set_mode(&dir, 0o755)?;
+            }
         }
         let lock = File::options()
             .create(true)
@@ -197,22 +209,27 @@ impl Store {
             .with_context(|| format!("creating a build directory in {}", self.root.join("tmp").display()))?
             .keep();
         // tempfile makes the directory 0700; a finished output is readable by everyone.
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("setting permissions of {}", dir.display()))?;
+        set_mode(&dir, 0o755)?;
         Ok(Pending { dir, committed: false })
     }
 
     /// Syncs every file of `pending` and renames it into the store. If another build finished
     /// the same output first, that one is kept (it has the same bytes).
+    /// Modes are set here, not left to the umask: files 0644, the directory 0755, so a server running as
+    /// another user reads the same output on every machine.
     pub fn commit(&self, mut pending: Pending, hash: &str, name: &str) -> Result<PathBuf> {
         let dest = self.path_for(hash, name);
         for entry in fs::read_dir(&pending.dir)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
+            let kind = entry.file_type()?;
+            if kind.is_file() {
+                set_mode(&entry.path(), 0o644)?;
                 File::open(entry.path())?.sync_all().with_context(|| format!("syncing {}", entry.path().display()))?;
+            } else if kind.is_dir() {
+                bail!("{}: an output holds files only, not directories", entry.path().display());
             }
         }
+        set_mode(&pending.dir, 0o755)?;
         fsync_dir(&pending.dir)?;
         if dest.exists() {
             return Ok(dest);
@@ -445,6 +462,12 @@ pub fn verify_output(dir: &Path) -> Vec<Problem> {
         }
     }
     problems
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))
 }
 
 fn dir_size(p: &Path) -> u64 {

@@ -105,7 +105,9 @@ struct Setup {
     store: PathBuf,
 }
 
-fn setup(server_extra: &str) -> Setup {
+/// The site, built; with `imported`, exported to a closure archive and imported into an empty store in
+/// another directory (the source tree removed), which is what then serves.
+fn setup(server_extra: &str, imported: bool) -> Setup {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().to_path_buf();
     let root = node_image(&dir);
@@ -138,14 +140,28 @@ ipv4 = "{SUBNET}.42"
     )
     .unwrap();
     kiln_ok(&dir, &store, &["build", "--quiet"]);
-    Setup { _work: work, dir, store }
+    if !imported {
+        return Setup { _work: work, dir, store };
+    }
+    kiln_ok(&dir, &store, &["export", "site.kiln", "--quiet"]);
+    fs::remove_dir_all(&root).unwrap();
+    let site = dir.join("air-gapped/site");
+    let store = dir.join("air-gapped/store");
+    fs::create_dir_all(&site).unwrap();
+    kiln_ok(&site, &store, &["import", dir.join("site.kiln").to_str().unwrap(), "--quiet"]);
+    assert!(kiln_ok(&site, &store, &["store", "verify"]).contains("no problems"));
+    Setup { _work: work, dir: site, store }
 }
 
 fn boot(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool) {
+    boot_from(tag, server_extra, uefi, other_dhcp, false)
+}
+
+fn boot_from(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool, imported: bool) {
     if !have("qemu-system-x86_64") || !Path::new("/usr/lib/ipxe/undionly.kpxe").exists() {
         panic!("qemu-system-x86 and ipxe are needed: run scripts/setup.sh");
     }
-    let s = setup(server_extra);
+    let s = setup(server_extra, imported);
     let mut net = Net::new(tag, other_dhcp);
     let serve_log = s.dir.join("serve.log");
     if let Some(other) = net.other.clone() {
@@ -229,6 +245,12 @@ fn boot(tag: &str, server_extra: &str, uefi: bool, other_dhcp: bool) {
 #[test]
 fn seabios_nic_rom_boots_a_node_from_kiln_serve() {
     boot("bios", "dhcp = \"full\"", false, false);
+}
+
+/// An air-gapped site: the closure exported, imported into an empty store elsewhere, served from there.
+#[test]
+fn seabios_boots_a_node_from_an_imported_closure() {
+    boot_from("imp", "dhcp = \"full\"", false, false, true);
 }
 
 #[test]

@@ -67,8 +67,7 @@ impl Tools {
     pub fn identity(&self) -> Result<serde_json::Value> {
         let digest = |p: &Path| -> Result<String> { Ok(sha256_file(p)?.0.hex()) };
         let version = |tool: &str, arg: &str| -> String {
-            Command::new(tool)
-                .arg(arg)
+            crate::util::pin_clock_and_locale(Command::new(tool).arg(arg))
                 .output()
                 .map(|o| {
                     let mut s = String::from_utf8_lossy(&o.stdout).into_owned();

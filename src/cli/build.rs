@@ -11,6 +11,7 @@ use super::StoreArg;
 use crate::archive::Compression;
 use crate::build::{self, BuildOptions};
 use crate::bundle::{BundleSpec, KernelSpec, DEFAULT_CMDLINE};
+use crate::distribute::Substituters;
 use crate::image::{FetchOptions, RegistryOptions, Source};
 use crate::recipe::{check_name, LoadedRecipe};
 
@@ -68,6 +69,14 @@ pub struct BuildArgs {
     /// Worker threads (default: all cores; KILN_THREADS also sets it). Outputs do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Ask this registry repository (docker://REGISTRY/REPO) or OCI layout (oci:DIR) for each bundle
+    /// before building it (repeatable; added to the recipe's `substituters`). What it serves is verified;
+    /// one that is down or serves a wrong byte is said in one line and the bundle is built here.
+    #[arg(long, value_name = "REMOTE")]
+    pub substituter: Vec<String>,
+    /// Ask no substituter, not even the recipe's.
+    #[arg(long, conflicts_with = "substituter")]
+    pub no_substitute: bool,
 }
 
 /// `kiln build`.
@@ -82,6 +91,16 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
         source_date_epoch: args.source_date_epoch,
         locked: args.locked,
         update: args.update,
+        substituters: Substituters::default(),
+        no_build: false,
+    };
+    let registry = RegistryOptions { tls_verify: args.tls_verify, authfile: args.authfile.clone() };
+    let substituters = |mut remotes: Vec<String>| -> Result<Substituters> {
+        remotes.extend(args.substituter.iter().cloned());
+        if args.no_substitute {
+            remotes.clear();
+        }
+        Substituters::new(&remotes, registry.clone())
     };
     let built = if let Some(from) = &args.from {
         let [name] = args.name.as_slice() else {
@@ -102,6 +121,9 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             exclude: args.exclude.clone(),
         };
         let store = args.store.open()?;
+        if !args.substituter.is_empty() {
+            anyhow::bail!("--substituter works with a recipe's [image.NAME] tables, not with --from");
+        }
         vec![build::build_from(&store, &source, &spec, &opts)?]
     } else {
         if !args.recipe.exists() {
@@ -112,6 +134,7 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
         }
         let loaded = LoadedRecipe::load(&args.recipe)?;
         let store = args.store.open()?;
+        let opts = BuildOptions { substituters: substituters(loaded.recipe.substituters.clone())?, ..opts };
         build::build_recipe(&store, &loaded, &args.name, &opts)?
     };
     let mut out = std::io::stdout().lock();

@@ -1,5 +1,5 @@
 //! The command line: every clap type, one file per subcommand ([`build`], [`store`], [`serve`], [`node`],
-//! [`build_ipxe`], [`appliance`]), each calling its part with plain options and printing the result (for people,
+//! [`build_ipxe`], [`appliance`], [`push`], [`pull`], [`export`], [`import`]), each calling its part with plain options and printing the result (for people,
 //! or `--json`). Nothing here knows how the work is done.
 
 // clap shows these doc comments as help text, where `[server]` names a table of kiln.toml, not a Rust item.
@@ -8,7 +8,11 @@
 pub mod appliance;
 pub mod build;
 pub mod build_ipxe;
+pub mod export;
+pub mod import;
 pub mod node;
+pub mod pull;
+pub mod push;
 pub mod serve;
 pub mod store;
 
@@ -78,6 +82,51 @@ pub enum Command {
     ///
     ///   kiln appliance --out kiln.iso
     Appliance(Box<appliance::ApplianceArgs>),
+    /// Push the recipe's outputs to an OCI registry (or OCI layout), one artifact per output.
+    ///
+    /// Each output is tagged by its store path's name (the same inputs give the same tag) and
+    /// KIND-NAME-latest. What the registry holds is not sent again. Credentials as podman's
+    /// (--authfile, else the containers auth file). Example:
+    ///
+    ///   kiln push docker://registry.site/kiln compute
+    Push(Box<push::PushArgs>),
+    /// Fill the store with the recipe's outputs from a registry, building nothing.
+    ///
+    /// Bundles are fetched by the hash kiln.toml and kiln.lock give them and verified against it;
+    /// iPXE builds by their -latest tag. Example:
+    ///
+    ///   kiln pull docker://registry.site/kiln
+    Pull(Box<pull::PullArgs>),
+    /// Write one archive holding everything the recipe's site serves, for an air-gapped site.
+    ///
+    /// The bundles nodes and the appliance use, the [server] ipxe build, the boot files the recipe
+    /// names, kiln.toml and kiln.lock, as a tar of an OCI image layout. Example:
+    ///
+    ///   kiln export site-a.kiln
+    Export(Box<export::ExportArgs>),
+    /// Verify an archive from `kiln export` and add it to the store.
+    ///
+    /// Everything is checked before anything lands; a damaged archive changes nothing. Writes the
+    /// site's kiln.toml and kiln.lock (--to, default: here), ready for `kiln serve`. Example:
+    ///
+    ///   kiln import site-a.kiln --to /etc/kiln
+    Import(Box<import::ImportArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Verify registry TLS certificates (--tls-verify=false for a local plain-HTTP registry).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_verify: bool,
+    /// Registry credentials file (containers auth.json format). Default: where podman and skopeo look.
+    #[arg(long)]
+    pub authfile: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    pub fn options(&self) -> crate::image::RegistryOptions {
+        crate::image::RegistryOptions { tls_verify: self.tls_verify, authfile: self.authfile.clone() }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,5 +155,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(cmd) => node::run(cmd),
         Command::BuildIpxe(args) => build_ipxe::run(*args),
         Command::Appliance(args) => appliance::run(*args),
+        Command::Push(args) => push::run(*args),
+        Command::Pull(args) => pull::run(*args),
+        Command::Export(args) => export::run(*args),
+        Command::Import(args) => import::run(*args),
     }
 }

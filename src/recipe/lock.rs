@@ -22,13 +22,27 @@ fn lock_version() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// What an `[image.NAME]`'s `from` resolved to. With `digest`, `arch` and `created` recorded, the bundle's
+/// store hash is known without reaching the source: `kiln pull`, substitution and an imported store work
+/// where the source image is not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LockedImage {
     /// The `from` this pin was made for; a changed `from` makes the pin stale.
     pub from: String,
-    /// The same image by digest.
-    pub pinned: String,
+    /// A registry image by digest (`docker://repo@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// The image's identity: its manifest digest (the config digest for docker-archive, the content's
+    /// sha256 for dir: and tar:).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The image config's architecture (OCI name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// The image config's `created`, in seconds since 1970.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -69,8 +83,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kiln.lock");
         let mut lock = Lock::load(&p).unwrap();
-        lock.image
-            .insert("c".into(), LockedImage { from: "docker://a/b:1".into(), pinned: "docker://a/b@sha256:00".into() });
+        lock.image.insert(
+            "c".into(),
+            LockedImage {
+                from: "docker://a/b:1".into(),
+                pinned: Some("docker://a/b@sha256:00".into()),
+                ..Default::default()
+            },
+        );
         lock.save(&p).unwrap();
         assert_eq!(Lock::load(&p).unwrap(), lock);
     }

@@ -32,6 +32,10 @@ pub use server::{
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub source_date_epoch: Option<i64>,
+    /// Registries (`docker://REGISTRY/REPO`) or OCI layouts (`oci:DIR`) asked for each output before it is
+    /// built: kiln's binary caches.
+    #[serde(default)]
+    pub substituters: Vec<String>,
     #[serde(default)]
     pub image: BTreeMap<String, ImageRecipe>,
     /// iPXE builds (`kiln build-ipxe`), read with [`LoadedRecipe::ipxe`] so their errors name the table.

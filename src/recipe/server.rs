@@ -156,6 +156,13 @@ pub struct ServerRecipe {
     pub event_queue: Option<usize>,
     /// Boot log lines printed per second; beyond it they are counted (the state keeps every event).
     pub log_lines_per_second: Option<u64>,
+    /// A registry repository (`docker://registry.site/kiln`) or OCI layout (`oci:DIR`) to fetch what this
+    /// server serves from, before serving and on each reload (a boot-server replica).
+    pub pull: Option<String>,
+    /// Verify the `pull` registry's TLS certificate (false: a plain-HTTP or self-signed registry).
+    pub pull_tls_verify: Option<bool>,
+    /// Registry credentials for `pull` (containers auth.json format); default: where podman and skopeo look.
+    pub pull_authfile: Option<PathBuf>,
 }
 
 /// `[profile.NAME]`: settings shared by nodes.

@@ -58,6 +58,7 @@ fn load(opts: &ServeOptions, store: &Store) -> Result<Site> {
             server.dhcp_port = opts.dhcp_port;
         }
     }
+    crate::build::site::pull_for_serve(&loaded, store);
     Site::load(&loaded, store)
 }
 

@@ -9,12 +9,20 @@ use anyhow::{bail, Context, Result};
 /// Runs a command to completion; on failure the error carries the command line and the tail of
 /// its stderr, so a user sees what ran and why it failed.
 pub fn run_command(cmd: &mut Command) -> Result<std::process::Output> {
+    pin_clock_and_locale(cmd);
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
         bail!("{shown} failed ({}):\n{}", out.status, tail(&out.stderr, 20));
     }
     Ok(out)
+}
+
+/// Runs `cmd` in UTC with the C locale. Tools that write times or text into kiln's outputs (mtools stamps FAT
+/// directory entries in local time, version lines are translated) would otherwise give other bytes, or another
+/// store hash, under another `TZ` or `LANG`. `UTC0` is a POSIX rule, so it needs no zoneinfo file.
+pub fn pin_clock_and_locale(cmd: &mut Command) -> &mut Command {
+    cmd.env("TZ", "UTC0").env("LC_ALL", "C").env_remove("LANGUAGE")
 }
 
 /// The last `lines` lines of a byte buffer, as text.

@@ -9,9 +9,9 @@ pub mod progress;
 pub mod sys;
 pub mod time;
 
-pub use command::{run_command, tail, which};
+pub use command::{pin_clock_and_locale, run_command, tail, which};
 pub use digest::{sha256_file, Digest, FileDigest, HashingReader, HashingWriter};
 pub use fsutil::{fsync_dir, mkdir_p, write_atomic};
-pub use progress::{human_size, init_tracing, Progress};
+pub use progress::{human_size, init_tracing, say, Progress};
 pub use sys::{is_root, node_binary, thread_count};
 pub use time::{unix_now, utc_time};

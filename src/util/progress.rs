@@ -82,3 +82,11 @@ pub fn human_size(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// A line for people on stderr, terminal or not (not with `--quiet`): what kiln decided that they should know
+/// about, such as an output fetched instead of built or a cache that could not be reached.
+pub fn say(msg: impl fmt::Display) {
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("{msg}");
+    }
+}

@@ -1,0 +1,384 @@
+//! `kiln build`: turn a source into a bundle in the store, or answer from the store when the
+//! same inputs were built before, or from a substituter (a registry that has the output).
+//!
+//! A bundle's store hash is a function of its `[image.NAME]` and of the image's identity (digest,
+//! architecture, creation time). kiln.lock records that identity, so the hash is known without reading
+//! the source: a pinned registry image is not asked again, and a local source that is absent (an
+//! imported store, a replica) is taken from the lock. [`site`] is what a recipe's site serves: pushed,
+//! pulled, exported and imported whole.
+
+pub mod site;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::bundle::{self, BundleSpec, KernelEntry, Manifest, SourceEntry};
+use crate::distribute::Substituters;
+use crate::image::{self, FetchOptions, ResolvedImage, Source};
+use crate::recipe::{LoadedRecipe, Lock, LockedImage};
+use crate::store::{self, RootKind, Store, FORMAT_VERSION};
+use crate::util::{FileDigest, Progress};
+
+/// What one build produced.
+#[derive(Debug, Serialize)]
+pub struct Built {
+    pub name: String,
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    /// True when the store already had it and nothing was built.
+    #[serde(skip)]
+    pub cached: bool,
+    /// The substituter it was fetched from instead of being built.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substituted: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub fetch: FetchOptions,
+    pub threads: usize,
+    /// Overrides the recipe's and the environment's `SOURCE_DATE_EPOCH`.
+    pub source_date_epoch: Option<i64>,
+    pub locked: bool,
+    pub update: bool,
+    /// Asked for each output the store does not have, before building it.
+    pub substituters: Substituters,
+    /// Build nothing: an output neither the store nor a substituter has is an error (`kiln pull`).
+    pub no_build: bool,
+}
+
+/// What identifies a source image for the store hash: enough to name the bundle without reading a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub transport: String,
+    /// By digest for registry images, by file name for local ones.
+    pub reference: String,
+    pub digest: String,
+    /// OCI architecture name (`amd64`).
+    pub arch: String,
+    pub created: Option<i64>,
+}
+
+impl Identity {
+    pub fn of(resolved: &ResolvedImage) -> Identity {
+        Identity {
+            transport: resolved.source.transport().to_string(),
+            // Registry images are recorded by digest, local ones by file name: either way a function
+            // of the inputs, so the manifest is the same wherever and whenever the bundle is built.
+            reference: resolved.pinned.clone().unwrap_or_else(|| resolved.source.portable_reference()),
+            digest: resolved.digest.to_string(),
+            arch: resolved.config.architecture.clone(),
+            created: resolved.config.created,
+        }
+    }
+
+    /// The identity kiln.lock recorded for `source`, if it recorded one.
+    fn from_lock(locked: &LockedImage, source: &Source) -> Option<Identity> {
+        let reference = match source {
+            Source::Docker(_) => locked.pinned.clone()?,
+            other => other.portable_reference(),
+        };
+        Some(Identity {
+            transport: source.transport().to_string(),
+            reference,
+            digest: locked.digest.clone()?,
+            arch: locked.arch.clone()?,
+            created: locked.created,
+        })
+    }
+}
+
+/// A bundle's inputs, named: its store hash before anything is read.
+struct Plan {
+    hash: String,
+    sde: i64,
+    arch: String,
+}
+
+fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
+    let sde = match sde {
+        Some(s) => s,
+        None => env_source_date_epoch()?.or(id.created).unwrap_or(0),
+    };
+    let arch = image::kernel_arch(&id.arch).to_string();
+    let inputs = json!({
+        "kind": "bundle",
+        "format": FORMAT_VERSION,
+        "name": spec.name,
+        "source": {
+            "transport": id.transport,
+            "digest": id.digest,
+            "reference": id.reference,
+        },
+        "arch": arch,
+        "kernel": spec.kernel.as_str(),
+        "cmdline": spec.cmdline,
+        "compression": spec.compression.name(),
+        "level": spec.level,
+        "exclude": spec.exclude,
+        "source_date_epoch": sde,
+        "init_shim": bundle::init_shim_digest().to_string(),
+    });
+    Ok(Plan { hash: store::input_hash(&inputs), sde, arch })
+}
+
+/// The output for `plan` from the store or, failing that, from a substituter (verified against the hash).
+fn found(store: &Store, spec: &BundleSpec, plan: &Plan, subs: &Substituters) -> Result<Option<Built>> {
+    let name = &spec.name;
+    if let Some(path) = store.lookup(&plan.hash, name) {
+        store.add_root(RootKind::Image, name, &path)?;
+        let manifest = Manifest::read(&path)?;
+        return Ok(Some(Built { name: name.clone(), path, manifest, cached: true, substituted: None }));
+    }
+    let Some(got) = subs.fetch(store, &plan.hash, name) else { return Ok(None) };
+    let manifest = Manifest::read(&got.path)?;
+    if manifest.recipe_hash != plan.hash || manifest.name != *name {
+        bail!("internal: {} was committed under another name or hash", got.path.display());
+    }
+    store.add_root(RootKind::Image, name, &got.path)?;
+    crate::util::say(format!(
+        "kiln: [image.{name}] substituted from {} ({}), not built",
+        got.from,
+        crate::util::human_size(got.size)
+    ));
+    Ok(Some(Built { name: name.clone(), path: got.path, manifest, cached: false, substituted: Some(got.from) }))
+}
+
+/// Whether a local source's file or directory is missing (registry sources are never "missing" here).
+fn local_source_absent(source: &Source) -> bool {
+    let path: &Path = match source {
+        Source::Docker(_) => return false,
+        Source::Oci { dir, .. } => dir,
+        Source::OciArchive(p) | Source::DockerArchive(p) | Source::Dir(p) | Source::Tar(p) => p,
+    };
+    !path.exists()
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, if set; a malformed value is an error, not ignored.
+pub fn env_source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(
+            v.trim()
+                .parse()
+                .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970"))?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Builds one bundle from an already-resolved image.
+pub fn build_bundle(
+    store: &Store,
+    spec: &BundleSpec,
+    resolved: ResolvedImage,
+    sde: Option<i64>,
+    threads: usize,
+) -> Result<Built> {
+    let id = Identity::of(&resolved);
+    let plan = plan(spec, &id, sde)?;
+    if let Some(b) = found(store, spec, &plan, &Substituters::default())? {
+        return Ok(b);
+    }
+    build_planned(store, spec, resolved, &plan, threads)
+}
+
+fn build_planned(
+    store: &Store,
+    spec: &BundleSpec,
+    resolved: ResolvedImage,
+    plan: &Plan,
+    threads: usize,
+) -> Result<Built> {
+    let mut progress = Progress::new(format!("build {}", spec.name));
+    let (hash, sde, arch) = (plan.hash.clone(), plan.sde, plan.arch.clone());
+    let reference = Identity::of(&resolved).reference;
+    let exclude = bundle::exclude_set(&spec.exclude)?;
+    let pending = store.begin(&spec.name)?;
+    let spool = pending.dir().join(".spool");
+    crate::util::mkdir_p(&spool)?;
+    let source = resolved.source.clone();
+    let digest = resolved.digest.clone();
+    progress.step(format!("reading {} layer(s) of {source}", resolved.layer_count()));
+    let tree = resolved.merged_tree(&spool, threads).with_context(|| format!("reading {source}"))?;
+    progress.step("finding the kernel");
+    let found = bundle::kernel::find(&tree, &spec.kernel).with_context(|| format!("finding the kernel in {source}"))?;
+    let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
+    progress.step(format!(
+        "writing image ({} entries, {} level {})",
+        tree.nodes.len(),
+        spec.compression.name(),
+        spec.level
+    ));
+    let image_info = bundle::write_image(
+        &tree,
+        &exclude,
+        sde,
+        spec.compression,
+        spec.level,
+        threads,
+        &pending.dir().join("image"),
+        "image",
+    )?;
+    let initramfs = bundle::write_initramfs(sde, spec.compression, spec.level, &pending.dir().join("initramfs"))?;
+    let has_modules = ["lib/modules/", "usr/lib/modules/"]
+        .iter()
+        .any(|d| tree.nodes.contains_key(format!("{d}{}", found.version).as_bytes()));
+    drop(tree);
+    std::fs::remove_dir_all(&spool).with_context(|| format!("removing {}", spool.display()))?;
+    let entry = |sha256: &str, size: u64| FileDigest { sha256: sha256.to_string(), size };
+    let files = [
+        (bundle::manifest::KERNEL.to_string(), kernel.clone()),
+        (bundle::manifest::INITRAMFS.to_string(), entry(&initramfs.sha256, initramfs.size)),
+        (bundle::manifest::IMAGE.to_string(), entry(&image_info.sha256, image_info.size)),
+    ];
+    let manifest = Manifest {
+        schema: bundle::manifest::SCHEMA,
+        kind: "bundle".to_string(),
+        name: spec.name.clone(),
+        arch,
+        kernel: KernelEntry {
+            file: bundle::manifest::KERNEL.to_string(),
+            path: format!("/{}", String::from_utf8_lossy(&found.path)),
+            version: found.version.clone(),
+            sha256: kernel.sha256.clone(),
+            size: kernel.size,
+            modules: has_modules,
+        },
+        initrds: vec![initramfs, image_info],
+        cmdline: spec.cmdline.clone(),
+        source: SourceEntry { reference, transport: source.transport().to_string(), digest: digest.to_string() },
+        recipe_hash: hash.clone(),
+        source_date_epoch: sde,
+        format: FORMAT_VERSION,
+        files: files.into_iter().collect(),
+    };
+    store::write_manifest(pending.dir(), &manifest)?;
+    progress.step("committing to the store");
+    let path = store.commit(pending, &hash, &spec.name)?;
+    store.add_root(RootKind::Image, &spec.name, &path)?;
+    progress.done(path.display());
+    Ok(Built { name: spec.name.clone(), path, manifest, cached: false, substituted: None })
+}
+
+/// Builds `--from SOURCE --name NAME`, outside any recipe.
+pub fn build_from(store: &Store, source: &Source, spec: &BundleSpec, opts: &BuildOptions) -> Result<Built> {
+    let resolved = image::resolve(source, &opts.fetch).with_context(|| format!("resolving {source}"))?;
+    build_bundle(store, spec, resolved, opts.source_date_epoch, opts.threads)
+}
+
+/// Builds every `[image.*]` of a recipe (or only `only`), pinning registry tags in kiln.lock.
+pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts: &BuildOptions) -> Result<Vec<Built>> {
+    let recipe = &loaded.recipe;
+    for name in only {
+        if !recipe.image.contains_key(name) {
+            let known: Vec<&str> = recipe.image.keys().map(String::as_str).collect();
+            bail!("{} has no [image.{name}] (it has: {})", loaded.path.display(), known.join(", "));
+        }
+    }
+    if recipe.image.is_empty() {
+        bail!("{} declares no [image.NAME] tables: nothing to build", loaded.path.display());
+    }
+    let specs = BundleSpec::all(loaded)?;
+    let lock_path = loaded.lock_path();
+    let mut lock = Lock::load(&lock_path)?;
+    let before = toml::to_string(&lock).unwrap_or_default();
+    let sde = opts.source_date_epoch.or(recipe.source_date_epoch);
+    let mut out = Vec::new();
+    for (name, img) in &recipe.image {
+        if !only.is_empty() && !only.contains(name) {
+            continue;
+        }
+        let ctx = || format!("{}: [image.{name}]", loaded.path.display());
+        let spec = &specs[name];
+        let mut source = Source::parse(&img.from).with_context(ctx)?.relative_to(loaded.base_dir());
+        let mut fetch = opts.fetch.clone();
+        if img.arch.is_some() {
+            fetch.arch = img.arch.clone();
+        }
+        let locked = lock.image.get(name).filter(|l| l.from == img.from).cloned();
+        if let Source::Docker(reference) = &source {
+            let pinned_by_digest = reference.contains("@sha256:");
+            match locked.as_ref().and_then(|l| l.pinned.as_ref()) {
+                Some(pinned) if !opts.update => {
+                    source = Source::Docker(pinned.strip_prefix("docker://").unwrap_or(pinned).to_string());
+                }
+                _ if opts.locked && !pinned_by_digest => bail!(
+                    "{}: {} has no pin for [image.{name}] ({}) and --locked forbids resolving it; \
+                     run `kiln build --update` to pin it",
+                    loaded.path.display(),
+                    lock_path.display(),
+                    img.from
+                ),
+                _ => {}
+            }
+        }
+        // A pinned registry image is immutable, so its recorded identity stands; a local source is
+        // read again when it is here (it may have changed) and taken from the lock when it is not.
+        let recorded = locked.as_ref().and_then(|l| Identity::from_lock(l, &source));
+        let mut resolved = None;
+        let id = match recorded {
+            Some(id) if !opts.update && (matches!(source, Source::Docker(_)) || local_source_absent(&source)) => id,
+            _ => {
+                let r = image::resolve(&source, &fetch).with_context(|| {
+                    let hint = if local_source_absent(&source) {
+                        format!(
+                            " ({} records no identity for it: build where the source is, then copy kiln.lock)",
+                            lock_path.display()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!("{}: resolving {}{hint}", ctx(), img.from)
+                })?;
+                let id = Identity::of(&r);
+                resolved = Some(r);
+                id
+            }
+        };
+        lock.image.insert(
+            name.clone(),
+            LockedImage {
+                from: img.from.clone(),
+                pinned: matches!(source, Source::Docker(_)).then(|| id.reference.clone()),
+                digest: Some(id.digest.clone()),
+                arch: Some(id.arch.clone()),
+                created: id.created,
+            },
+        );
+        let plan = plan(spec, &id, sde).with_context(ctx)?;
+        if let Some(b) = found(store, spec, &plan, &opts.substituters).with_context(ctx)? {
+            out.push(b);
+            continue;
+        }
+        if opts.no_build {
+            bail!(
+                "{}: the bundle ({}) is neither in the store nor in a substituter; push it from where it was built \
+                 (kiln push), or build it here (kiln build)",
+                ctx(),
+                store.path_for(&plan.hash, name).display()
+            );
+        }
+        let resolved = match resolved {
+            Some(r) => r,
+            None => image::resolve(&source, &fetch).with_context(|| format!("{}: resolving {}", ctx(), img.from))?,
+        };
+        if Identity::of(&resolved) != id {
+            bail!(
+                "{}: {} is not the image {} records (digest {}); run `kiln build --update` to pin it again",
+                ctx(),
+                img.from,
+                lock_path.display(),
+                id.digest
+            );
+        }
+        let built = build_planned(store, spec, resolved, &plan, opts.threads).with_context(ctx)?;
+        out.push(built);
+    }
+    if toml::to_string(&lock).unwrap_or_default() != before {
+        lock.save(&lock_path)?;
+    }
+    Ok(out)
+}
