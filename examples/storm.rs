@@ -346,6 +346,8 @@ async fn run(args: Args) -> Result<bool> {
 
     let load_start = load_average();
     let server_start = procstat::read(&a.server_pids);
+    let server_net = a.server_pids.first().map(u32::to_string);
+    let udp_start = (server_net.as_deref().and_then(procstat::udp_drops), procstat::udp_drops("self"));
     if !a.server_pids.is_empty() && server_start.processes == 0 {
         bail!("no process {:?} to measure", a.server_pids);
     }
@@ -443,6 +445,7 @@ async fn run(args: Args) -> Result<bool> {
         outcomes.push(t.await.context("a client task panicked")?);
     }
     let server_end = procstat::read(&a.server_pids);
+    let udp_end = (server_net.as_deref().and_then(procstat::udp_drops), procstat::udp_drops("self"));
     let _ = stop_tx.send(true);
     if let Some(t) = hostile_task {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -452,10 +455,15 @@ async fn run(args: Args) -> Result<bool> {
     let mut report =
         Report::new(&ctx, &outcomes, &server_start, &server_end, peaks, hostile.then_some(&*hostile_stats));
     report.load = (load_start, load_average());
-    report.print();
+    let dropped = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| Some(b?.1.saturating_sub(a?.1));
+    report.udp_drops = (dropped(udp_start.0, udp_end.0), dropped(udp_start.1, udp_end.1));
     if let Some(path) = &a.json {
         std::fs::write(path, report.json().to_string() + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    {
+        use std::io::Write;
+        std::io::stdout().write_all(report.render().as_bytes()).context("writing the report to stdout")?;
     }
     Ok(report.booted == n)
 }
@@ -496,6 +504,9 @@ struct Report {
     hostile: Option<serde_json::Value>,
     /// /proc/loadavg's 1-minute figure when the run started and when it ended.
     load: (f64, f64),
+    /// UDP datagrams dropped for a full socket receive buffer during the run: in the server's namespace, in the
+    /// clients' (where a count above zero means the generator could not keep up).
+    udp_drops: (Option<u64>, Option<u64>),
 }
 
 impl Report {
@@ -586,31 +597,40 @@ impl Report {
             stray_dhcp: ctx.hub.stray.load(Ordering::Relaxed),
             hostile,
             load: (f64::NAN, f64::NAN),
+            udp_drops: (None, None),
         }
     }
 
-    fn print(&self) {
-        let secs = |v: Option<f64>| v.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
-        println!("== {}: {} clients, ramp {} s, deadline {} s", self.label, self.clients, self.ramp, self.deadline);
-        if !self.note.is_empty() {
-            println!("   {}", self.note);
+    /// The report for people, one line per figure.
+    fn render(&self) -> String {
+        let mut out = String::new();
+        macro_rules! say {
+            ($($arg:tt)*) => {{
+                out.push_str(&format!($($arg)*));
+                out.push('\n');
+            }};
         }
-        println!("booted             {} / {}", self.booted, self.clients);
+        let secs = |v: Option<f64>| v.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+        say!("== {}: {} clients, ramp {} s, deadline {} s", self.label, self.clients, self.ramp, self.deadline);
+        if !self.note.is_empty() {
+            say!("   {}", self.note);
+        }
+        say!("booted             {} / {}", self.booted, self.clients);
         let failed: Vec<String> =
             PHASES.iter().map(|p| format!("{} {}", p.name(), self.failed.get(p).copied().unwrap_or(0))).collect();
-        println!("failed by phase    {}", failed.join(", "));
+        say!("failed by phase    {}", failed.join(", "));
         match self.all_booted {
-            Some(t) => println!("all booted after   {t:.2} s (first client's start to last boot)"),
-            None => println!("all booted after   - (not all booted; last boot at {})", secs(self.last_boot)),
+            Some(t) => say!("all booted after   {t:.2} s (first client's start to last boot)"),
+            None => say!("all booted after   - (not all booted; last boot at {})", secs(self.last_boot)),
         }
-        println!("boot time          p50 {}, p99 {}, max {}", secs(self.p50), secs(self.p99), secs(self.max));
+        say!("boot time          p50 {}, p99 {}, max {}", secs(self.p50), secs(self.p99), secs(self.max));
         let phases: Vec<String> = self
             .phase_pct
             .iter()
             .map(|(p, a, b)| format!("{} {}/{}", p.name(), secs(*a).trim_end_matches(" s"), secs(*b)))
             .collect();
-        println!("phase p50/p99      {}", phases.join(", "));
-        println!(
+        say!("phase p50/p99      {}", phases.join(", "));
+        say!(
             "per booted client  TFTP {:.0} bytes{}, HTTP {:.2} MB; sha256 checked on {} of {} blob downloads",
             self.tftp_per_client,
             if self.tftp_unchecked > 0 { format!(" ({} without tsize)", self.tftp_unchecked) } else { String::new() },
@@ -618,19 +638,33 @@ impl Report {
             self.digests_checked,
             self.blob_downloads
         );
-        println!(
+        say!(
             "retransmissions    DHCP {}, TFTP {}; DHCP NAKs {}; DHCP replies nobody waited for: {}",
-            self.dhcp_retransmits, self.tftp_retransmits, self.dhcp_naks, self.stray_dhcp
+            self.dhcp_retransmits,
+            self.tftp_retransmits,
+            self.dhcp_naks,
+            self.stray_dhcp
         );
-        println!(
+        say!(
             "server             CPU {:.1} s, peak RSS {:.1} MiB (VmHWM summed over {} processes); peak {} threads, \
              {} open files",
-            self.server_cpu, self.server_hwm_mib, self.server_processes, self.peaks.threads, self.peaks.open_files
+            self.server_cpu,
+            self.server_hwm_mib,
+            self.server_processes,
+            self.peaks.threads,
+            self.peaks.open_files
         );
-        println!("generator          CPU {:.1} s, peak RSS {:.1} MiB", self.own_cpu, self.own_hwm_mib);
-        println!("load average       {:.2} at the start, {:.2} at the end", self.load.0, self.load.1);
+        say!("generator          CPU {:.1} s, peak RSS {:.1} MiB", self.own_cpu, self.own_hwm_mib);
+        let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        say!(
+            "UDP drops          {} in the server's namespace, {} in the clients'{} (receive buffers full)",
+            n(self.udp_drops.0),
+            n(self.udp_drops.1),
+            if self.hostile.is_some() { " (the hostile TFTP sockets never read)" } else { "" }
+        );
+        say!("load average       {:.2} at the start, {:.2} at the end", self.load.0, self.load.1);
         if let Some(h) = &self.hostile {
-            println!(
+            say!(
                 "hostile            {} TFTP requests never acknowledged; slow HTTP: {} open at peak, {} connects, {} \
                  closed by the server; {} garbage datagrams",
                 h["tftp_requests_sent"],
@@ -641,8 +675,9 @@ impl Report {
             );
         }
         for (phase, count, why) in self.reasons.iter().take(6) {
-            println!("failure            {count} x {}: {why}", phase.name());
+            say!("failure            {count} x {}, e.g. {why}", phase.name());
         }
+        out
     }
 
     fn json(&self) -> serde_json::Value {
@@ -688,6 +723,8 @@ impl Report {
             "hostile": self.hostile,
             "load_average_start": self.load.0,
             "load_average_end": self.load.1,
+            "server_udp_rcvbuf_drops": self.udp_drops.0,
+            "client_udp_rcvbuf_drops": self.udp_drops.1,
         })
     }
 }

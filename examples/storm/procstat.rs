@@ -1,6 +1,7 @@
 //! What server processes spent, read from /proc: CPU seconds (utime + stime of `/proc/PID/stat`, with the cutime +
 //! cstime of children already reaped), peak resident memory (`VmHWM` of `/proc/PID/status`), threads and open files,
-//! summed over the processes named and all their descendants (nginx's workers, for instance).
+//! summed over the processes named and all their descendants (nginx's workers, for instance); and the UDP drop
+//! counters of a network namespace (`/proc/PID/net/snmp` is the namespace of PID).
 
 use std::collections::HashMap;
 
@@ -98,4 +99,15 @@ pub fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// UDP datagrams received and those dropped because a socket's receive buffer was full (`RcvbufErrors`), in the
+/// network namespace of `pid` (`self` for this process).
+pub fn udp_drops(pid: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).ok()?;
+    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = rows.next()?.split_whitespace().collect();
+    let values: Vec<&str> = rows.next()?.split_whitespace().collect();
+    let get = |name: &str| values.get(names.iter().position(|n| *n == name)?)?.parse().ok();
+    Some((get("InDatagrams")?, get("RcvbufErrors")?))
 }

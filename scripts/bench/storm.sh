@@ -6,7 +6,8 @@
 #
 # Scenarios (each prints a table with kiln / other for the time until all booted):
 #   plain    N clients for each N in NS (default 1000 5000 10000)
-#   loss     FAULT_N clients (default 1000) with 5% packet loss (netem) on the clients' side of the link
+#   loss     FAULT_N clients (default 1000) with 5% loss of what the clients send (netem on their veth; where
+#            the kernel has no netem, iptables' statistic match drops the same share where it arrives)
 #   hostile  FAULT_N clients with hostile traffic alongside: 2,000 TFTP requests asking `timeout 255` never
 #            acknowledged (one address, many ports), 500 slow HTTP clients trickling header bytes, garbage
 #            datagrams to ports 67 and 69 (200/s each)
@@ -18,15 +19,18 @@
 # namespace). Hostile traffic comes from 10.5.200.1. Both servers hand out the same pool, 10.5.64.1-10.5.127.254.
 #
 # Payload (PAYLOAD): `small` (default) is a bundle built from a directory holding a 2 MiB stand-in kernel and
-# 2 MiB of random data, compression none: ~4 MiB per client, so 10,000 clients move ~40 GB over the veth;
-# `tiny` is the tiny fixture's real bundle (Debian kernel 8 MB + image 9 MB): ~17.7 MB per client.
+# 2 MiB of random data, compression none: 6.3 MB per client (the image holds the kernel again, as a real image
+# holds /boot), so 10,000 clients move 63 GB over the veth; `tiny` is the tiny fixture's real bundle (Debian
+# kernel 8.2 MB + image 9.4 MB): 17.7 MB per client, 177 GB for 10,000, too much for 2 cores in one sitting.
 # kiln serves unknown machines (`unknown = "boot:storm"`, no [node.*] tables, no overlay); dnsmasq tags iPXE by
 # its user class and nginx serves kiln's unknown-machine script for all at /ipxe/boot, and the bundle's files at
 # the same /blob/sha256/<hex> paths, so clients do identical work against both.
 #
-# Env: NS, FAULT_N, SCENARIOS (plain loss hostile), SERVERS (kiln dnsmasq), RAMP (seconds within which all clients
-# start, default 10), PAYLOAD (small|tiny), DEADLINE (seconds per run, default 900), DIGEST_EVERY (sha256 of blob
-# downloads for every Nth client: 1 = all (default), 0 = none), KEEP=1 keeps the work dir with every log.
+# Env: NS, FAULT_N, SCENARIOS (plain loss hostile), SERVERS (kiln dnsmasq; add kiln-ram for kiln with its state
+# database on tmpfs, which shows what its durable lease writes cost), RAMP (seconds within which all clients start,
+# default 10), PAYLOAD (small|tiny), DEADLINE (seconds per run, default 900), DIGEST_EVERY (sha256 of blob
+# downloads for every Nth client: 1 = all (default), 0 = none), DNSMASQ_PING=1 (keep dnsmasq's ping check; the
+# clients never answer pings), KEEP=1 keeps the work dir with every log.
 # Needs root (namespaces, ports 67/69/80 in them). Everything it starts is stopped and every namespace removed on
 # exit. Work dir under /var/tmp (kiln's state database is on disk there, as on a real server).
 #
@@ -240,9 +244,10 @@ EOF
 	prlimit --nofile="$NOFILE:$NOFILE" ip netns exec "$ns" nginx -c "$run/nginx/nginx.conf" >"$run/nginx/stdout.log" 2>&1 &
 	PIDS+=($!)
 	local nginx=$!
-	# no-ping: kiln does no conflict detection either (and every pool address answers pings in the clients'
-	# namespace). tftp-max (default 50) raised so that the cap is not the limit; leases sized for the run.
-	prlimit --nofile="$NOFILE:$NOFILE" ip netns exec "$ns" dnsmasq --no-daemon --conf-file=/dev/null --port=0 \
+	# --keep-in-foreground, not --no-daemon (a debug mode that also logs everything to stderr). --no-ping: kiln does no
+	# conflict detection either (DNSMASQ_PING=1 keeps dnsmasq's ping check). tftp-max (default 50) raised so that the
+	# cap is not the limit; leases sized for the run; --user=root only so that it can write its log in the work dir.
+	prlimit --nofile="$NOFILE:$NOFILE" ip netns exec "$ns" dnsmasq --keep-in-foreground --conf-file=/dev/null --port=0 \
 		--interface=veth-s --bind-interfaces --dhcp-authoritative "${PING[@]}" \
 		--dhcp-range="$POOL_FIRST,$POOL_LAST,255.255.0.0,1h" --dhcp-lease-max=$((n + 1000)) \
 		--dhcp-leasefile="$run/dnsmasq.leases" \
@@ -265,8 +270,18 @@ one() {
 	mkdir -p "$run"
 	net "$name"
 	local s=$name-s c=$name-c extra=()
+	local how=""
 	if [[ $scenario == loss ]]; then
-		ip netns exec "$c" tc qdisc add dev veth-c root netem loss 5% limit 100000
+		# 5% of what the clients send is lost. netem on the clients' veth where the kernel has it; else the same
+		# loss made by iptables' statistic match where the packets arrive (a drop on the clients' own output would
+		# fail their sendto() with EPERM instead of vanishing like a lost frame).
+		if ip netns exec "$c" tc qdisc add dev veth-c root netem loss 5% limit 100000 2>/dev/null; then
+			how="netem loss 5% on veth-c (clients to server)"
+		else
+			ip netns exec "$s" iptables -t raw -A PREROUTING -i veth-s -m statistic --mode random \
+				--probability 0.05 -j DROP || fail "neither netem nor iptables' statistic match is available for the loss scenario"
+			how="5% of packets from the clients dropped at veth-s (iptables statistic; this kernel has no netem)"
+		fi
 	fi
 	if [[ $scenario == hostile ]]; then
 		extra=(--hostile-from "$HOSTILE_IP")
@@ -289,11 +304,15 @@ one() {
 		;;
 	esac
 	echo "--- $scenario, $n clients, $label" >&2
+	# In the background and waited for, so that a signal to this script ends the run at once (trap, cleanup).
 	# shellcheck disable=SC2086 # SERVER_PIDS is a list of flags
 	timeout $((DEADLINE + 120)) ip netns exec "$c" "$STORM" --interface veth-c --server "$SERVER_IP" --clients "$n" \
 		--ramp "$RAMP" --deadline "$DEADLINE" --digest-every "$DIGEST_EVERY" --label "$label" \
-		--note "payload $PAYLOAD: $PER_CLIENT bytes of kernel+initrds per client; scenario $scenario" \
-		$SERVER_PIDS "${extra[@]}" --json "$run/result.json" | tee "$run/report.txt" >&2 || true
+		--note "payload $PAYLOAD: $PER_CLIENT bytes of kernel+initrds per client; scenario $scenario${how:+: $how}" \
+		$SERVER_PIDS "${extra[@]}" --json "$run/result.json" >"$run/report.txt" &
+	PIDS+=($!)
+	wait $! || true
+	cat "$run/report.txt" >&2
 	[[ -s $run/result.json ]] || fail "$tag: the generator wrote no result (see above)"
 	cp "$run/result.json" "$WORK/$tag.json"
 	local p
@@ -346,6 +365,7 @@ rows = [
     ("server peak RSS, MiB", lambda r: cell(r, "server_peak_rss_mib"), "server_peak_rss_mib"),
     ("server peak threads / open files", lambda r: f"{r['server_peak_threads']} / {r['server_peak_open_files']}" if r else "-", None),
     ("DHCP retransmissions / NAKs, TFTP retransmissions", lambda r: f"{r['dhcp_retransmits']} / {r['dhcp_naks']}, {r['tftp_retransmits']}" if r else "-", None),
+    ("UDP drops (receive buffer full): server / clients", lambda r: f"{r['server_udp_rcvbuf_drops']} / {r['client_udp_rcvbuf_drops']}" if r else "-", None),
     ("generator CPU, s", lambda r: cell(r, "generator_cpu_secs"), None),
     ("load average at start / end", lambda r: f"{r['load_average_start']:.1f} / {r['load_average_end']:.1f}" if r else "-", None),
 ]
@@ -356,7 +376,7 @@ for r in (k, o, *extra):
         print()
         print(f"{r['label']} failures (most common first):")
         for x in r["failures"][:5]:
-            print(f"- {x['count']} x {x['phase']}: {x['example']}")
+            print(f"- {x['count']} x {x['phase']}, e.g. {x['example']}")
 for r in (k, o, *extra):
     if r and r.get("hostile"):
         h = r["hostile"]
@@ -368,20 +388,18 @@ print(f"sha256 checked on blob downloads: {', '.join(digests)}")
 EOF
 }
 
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date +%s)
-RUNS=()
+printf '## Boot storm: %s cores (%s), %s GiB RAM, kernel %s; ramp %s s; payload %s (%s bytes per client)\n' \
+	"$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
+	"$(awk '/MemTotal/ {printf "%d", $2/1048576}' /proc/meminfo)" "$(uname -r)" "$RAMP" "$PAYLOAD" "$PER_CLIENT"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# Each scenario's table is printed as soon as its runs are done.
 for scenario in $SCENARIOS; do
 	if [[ $scenario == plain ]]; then ns=$NS; else ns=$FAULT_N; fi
 	for n in $ns; do
 		for server in $SERVERS; do one "$scenario" "$n" "$server"; done
-		RUNS+=("$scenario:$n")
+		table "$scenario" "$n"
 	done
 done
-
-printf '\n## Boot storm: %s cores (%s), %s GiB RAM; ramp %s s; payload %s (%s bytes per client); %s s in all\n' \
-	"$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
-	"$(awk '/MemTotal/ {printf "%d", $2/1048576}' /proc/meminfo)" "$RAMP" "$PAYLOAD" "$PER_CLIENT" \
-	"$(($(date +%s) - STARTED))"
-echo "load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
-for r in "${RUNS[@]}"; do table "${r%%:*}" "${r##*:}"; done
+echo
+echo "$(($(date +%s) - STARTED)) s in all; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
