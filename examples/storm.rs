@@ -657,10 +657,14 @@ impl Report {
         say!("generator          CPU {:.1} s, peak RSS {:.1} MiB", self.own_cpu, self.own_hwm_mib);
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         say!(
-            "UDP drops          {} in the server's namespace, {} in the clients'{} (receive buffers full)",
+            "UDP drops          {} in the server's namespace, {} in the clients' (receive buffers full){}",
             n(self.udp_drops.0),
             n(self.udp_drops.1),
-            if self.hostile.is_some() { " (the hostile TFTP sockets never read)" } else { "" }
+            if self.hostile.is_some() {
+                "; the clients' count includes the hostile TFTP sockets, which never read"
+            } else {
+                ""
+            }
         );
         say!("load average       {:.2} at the start, {:.2} at the end", self.load.0, self.load.1);
         if let Some(h) = &self.hostile {

@@ -30,7 +30,8 @@
 # database on tmpfs, which shows what its durable lease writes cost), RAMP (seconds within which all clients start,
 # default 10), PAYLOAD (small|tiny), DEADLINE (seconds per run, default 900), DIGEST_EVERY (sha256 of blob
 # downloads for every Nth client: 1 = all (default), 0 = none), DNSMASQ_PING=1 (keep dnsmasq's ping check; the
-# clients never answer pings), KEEP=1 keeps the work dir with every log.
+# clients never answer pings), SEQUENTIAL_MACS=1 (consecutive MACs instead of scattered ones), KEEP=1 keeps the work
+# dir with every log.
 # Needs root (namespaces, ports 67/69/80 in them). Everything it starts is stopped and every namespace removed on
 # exit. Work dir under /var/tmp (kiln's state database is on disk there, as on a real server).
 #
@@ -49,6 +50,7 @@ DEADLINE=${DEADLINE:-900}
 DIGEST_EVERY=${DIGEST_EVERY:-1}
 KEEP=${KEEP:-0}
 DNSMASQ_PING=${DNSMASQ_PING:-0}
+SEQUENTIAL_MACS=${SEQUENTIAL_MACS:-0}
 PING=(--no-ping)
 [[ $DNSMASQ_PING == 1 ]] && PING=()
 BIOS_FILE=/usr/lib/ipxe/undionly.kpxe
@@ -285,6 +287,9 @@ one() {
 	fi
 	if [[ $scenario == hostile ]]; then
 		extra=(--hostile-from "$HOSTILE_IP")
+	fi
+	if [[ $SEQUENTIAL_MACS == 1 ]]; then
+		extra+=(--sequential-macs)
 	fi
 	local label
 	case $server in
