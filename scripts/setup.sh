@@ -40,6 +40,8 @@ PACKAGES=(
 	dnsmasq-base
 	nginx-light
 	tftpd-hpa
+	iptables
+	procps
 	atftp
 	git
 	xorriso
