@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::net::Mac;
+use crate::net::{Mac, Pool};
 
 /// Boot events kept per MAC; older ones are dropped as new ones arrive.
 pub const EVENTS_PER_MAC: u64 = 1000;
@@ -286,6 +286,11 @@ impl State {
         self.commit_leases(&staged)
     }
 
+    /// The first address of `pool` at or after `from` that no lease (current, expired or held) names.
+    pub fn first_unrecorded(&self, pool: &Pool, from: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.cache().first_unrecorded(pool, from)
+    }
+
     /// Puts `lease` in the in-memory lease book at once (later decisions see it) and returns what
     /// [`State::commit_leases`] needs to make it durable. An offer (DHCPOFFER) is only staged: RFC 2131 asks
     /// nothing durable of it, and a restart forgets it (the client's REQUEST is then decided afresh).
@@ -515,6 +520,10 @@ impl State {
 struct LeaseCache {
     by_mac: HashMap<Mac, Lease>,
     by_ip: HashMap<Ipv4Addr, Mac>,
+    /// Per pool (by its first address): every address from the pool's start up to this one has a lease record,
+    /// so the search for one that never had a lease starts here instead of at the start (a storm hands out
+    /// thousands of addresses in a row; walking the given ones each time would cost O(leases) per machine).
+    unrecorded_from: HashMap<Ipv4Addr, Ipv4Addr>,
 }
 
 impl LeaseCache {
@@ -531,8 +540,26 @@ impl LeaseCache {
         if let Some(old) = self.by_mac.remove(&mac) {
             if self.by_ip.get(&old.ip) == Some(&mac) {
                 self.by_ip.remove(&old.ip);
+                for from in self.unrecorded_from.values_mut() {
+                    if old.ip < *from {
+                        *from = old.ip;
+                    }
+                }
             }
         }
+    }
+
+    /// The first address of `pool` at or after `from` that no lease names.
+    fn first_unrecorded(&mut self, pool: &Pool, from: Ipv4Addr) -> Option<Ipv4Addr> {
+        let known = self.unrecorded_from.get(&pool.start).copied().unwrap_or(pool.start);
+        let start = u32::from(from.max(pool.start).max(known));
+        let found = (start..=u32::from(pool.end)).map(Ipv4Addr::from).find(|ip| !self.by_ip.contains_key(ip));
+        if from <= known {
+            // Everything from the pool's start to what was found (or the pool's end) has a lease.
+            let upto = found.unwrap_or(pool.end);
+            self.unrecorded_from.insert(pool.start, upto);
+        }
+        found
     }
 }
 

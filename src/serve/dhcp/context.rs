@@ -48,6 +48,8 @@ pub struct DhcpContext {
     pub unknown: UnknownPolicy,
     /// MACs of every node in the node list (with or without a reservation).
     pub known: HashSet<Mac>,
+    /// `reservations` by address, built on first use.
+    reserved_ips: std::sync::OnceLock<HashMap<Ipv4Addr, Mac>>,
 }
 
 impl DhcpContext {
@@ -69,7 +71,16 @@ impl DhcpContext {
             http_base: format!("http://{}", server.addr),
             unknown: UnknownPolicy::Record,
             known: HashSet::new(),
+            reserved_ips: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The node `ip` is reserved for, if any. Indexed on first use (the context is built whole and replaced on
+    /// reload, never changed in place while serving), so a site of thousands of nodes costs one lookup per
+    /// address.
+    pub(super) fn reserved_for(&self, ip: Ipv4Addr) -> Option<Mac> {
+        let index = self.reserved_ips.get_or_init(|| self.reservations.iter().map(|(mac, r)| (r.ip, *mac)).collect());
+        index.get(&ip).copied()
     }
 
     pub(super) fn is_known(&self, mac: Mac) -> bool {

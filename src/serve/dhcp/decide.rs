@@ -1,7 +1,6 @@
 //! DHCP and proxyDHCP decisions: which reply (if any) a request gets, which address and which boot file.
 //! Pure functions of the request bytes, the context, the lease book and the time.
 
-use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -401,22 +400,30 @@ fn choose_address(ctx: &DhcpContext, net: Network<'_>, mac: Mac, book: &dyn Leas
         return None;
     }
     let pool = net.pool?;
-    let reserved: HashSet<Ipv4Addr> = ctx.reservations.iter().filter(|(m, _)| **m != mac).map(|(_, r)| r.ip).collect();
     let usable = |ip: Ipv4Addr| {
         pool.contains(ip)
             && net.subnet.contains(ip)
             && (net.subnet.prefix >= 31 || (ip != net.subnet.network() && ip != net.subnet.broadcast()))
             && ip != ctx.server_ip
             && Some(ip) != net.router
-            && !reserved.contains(&ip)
+            && ctx.reserved_for(ip).is_none_or(|holder| holder == mac)
             && !book.is_declined(ip, now)
             && !held_by_other(ip)
     };
     if let Some(previous) = book.lease_of(mac).map(|l| l.ip).filter(|ip| usable(*ip)) {
         return Some(previous);
     }
-    if let Some(fresh) = pool.addresses().find(|ip| usable(*ip) && book.lease_on(*ip).is_none()) {
-        return Some(fresh);
+    // An address never leased, lowest first.
+    let mut from = pool.start;
+    while let Some(fresh) = book.first_unrecorded(pool, from) {
+        if usable(fresh) {
+            return Some(fresh);
+        }
+        match u32::from(fresh).checked_add(1) {
+            Some(next) if Ipv4Addr::from(next) <= pool.end => from = Ipv4Addr::from(next),
+            _ => break,
+        }
     }
+    // Else one whose lease expired.
     pool.addresses().find(|ip| usable(*ip))
 }

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use crate::net::Mac;
+use crate::net::{Mac, Pool};
 use crate::serve::state::{Lease, StagedLease, State};
 
 /// The client-side state of leases, as the decisions see it. [`State`] (through `&State`) keeps it on disk;
@@ -23,6 +23,12 @@ pub trait LeaseBook {
     /// Sets `ip` aside until `until` (a client found it in use).
     fn decline(&mut self, ip: Ipv4Addr, until: u64, now: u64) -> Result<()>;
     fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool;
+    /// The first address of `pool` at or after `from` that no lease names (current, expired or held).
+    fn first_unrecorded(&self, pool: &Pool, from: Ipv4Addr) -> Option<Ipv4Addr> {
+        (u32::from(from.max(pool.start))..=u32::from(pool.end))
+            .map(Ipv4Addr::from)
+            .find(|ip| self.lease_on(*ip).is_none())
+    }
 }
 
 impl LeaseBook for &State {
@@ -44,6 +50,9 @@ impl LeaseBook for &State {
     }
     fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool {
         State::is_declined(self, ip, now)
+    }
+    fn first_unrecorded(&self, pool: &Pool, from: Ipv4Addr) -> Option<Ipv4Addr> {
+        State::first_unrecorded(self, pool, from)
     }
 }
 
@@ -74,6 +83,9 @@ impl LeaseBook for BatchBook<'_> {
     }
     fn is_declined(&self, ip: Ipv4Addr, now: u64) -> bool {
         self.state.is_declined(ip, now)
+    }
+    fn first_unrecorded(&self, pool: &Pool, from: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.state.first_unrecorded(pool, from)
     }
 }
 
