@@ -317,6 +317,88 @@ image = "x86"
     assert!(booted.contains("\nkernel ") && !booted.contains("buildarch"), "{booted}");
 }
 
+/// The appliance (x86_64) carries an arm64 node image and the arm64 firmware file, and refuses an
+/// arm64 image as its own OS.
+#[test]
+fn appliance_carries_arm64_node_images_and_stays_x86_64() {
+    if std::env::consts::ARCH != "x86_64" {
+        eprintln!("skipped: the appliance ISO is built for x86_64 machines");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path();
+    let store = d.join("store");
+    fs::write(d.join("snponly-arm64.efi"), b"stands in for kiln's arm64 snponly.efi").unwrap();
+    let recipe = |appliance: &str| {
+        format!(
+            r#"source_date_epoch = 1700000000
+
+[image.appliance]
+from = "oci:{tiny}:latest"
+
+[image.arm]
+from = "oci-archive:{multi}"
+arch = "arm64"
+
+[server]
+address = "10.213.9.1/24"
+dhcp = "full"
+
+[server.boot_files]
+efi_arm64 = "snponly-arm64.efi"
+
+[node.a1]
+mac = "52:54:00:09:00:61"
+image = "arm"
+ipv4 = "10.213.9.61"
+
+[appliance]
+image = "{appliance}"
+"#,
+            tiny = tiny().join("oci").display(),
+            multi = multiarch().join("multiarch.oci.tar").display()
+        )
+    };
+    fs::write(d.join("kiln.toml"), recipe("arm")).unwrap();
+    let err = kiln_err(d, &store, &["appliance", "--quiet"]);
+    assert!(
+        err.contains("[appliance] image = \"arm\" is built for aarch64, but the appliance runs this kiln, which is built for x86_64"),
+        "{err}"
+    );
+
+    fs::write(d.join("kiln.toml"), recipe("appliance")).unwrap();
+    let out = kiln_ok(d, &store, &["appliance", "--quiet", "--json"]);
+    let iso = PathBuf::from(serde_json::from_str::<Value>(out.trim()).unwrap()["path"].as_str().unwrap());
+    let arm = PathBuf::from(kiln_ok(d, &store, &["build", "--name", "arm", "--quiet"]).trim());
+    let app = PathBuf::from(kiln_ok(d, &store, &["build", "--name", "appliance", "--quiet"]).trim());
+    // The ISO's initrd is the appliance bundle's initramfs and image, then the appliance archive.
+    sh(&format!(
+        "xorriso -osirrox on -indev '{}' -extract /boot/initrd.img '{}' 2>/dev/null",
+        iso.display(),
+        d.join("initrd").display()
+    ));
+    let skip = fs::metadata(app.join("initramfs")).unwrap().len() + fs::metadata(app.join("image")).unwrap().len();
+    let listing = sh(&format!("tail -c +{} '{}' | gzip -dc | cpio -t --quiet", skip + 1, d.join("initrd").display()));
+    let arm_dir = arm.file_name().unwrap().to_string_lossy().into_owned();
+    for want in [
+        format!("var/lib/kiln/store/{arm_dir}/kernel"),
+        format!("var/lib/kiln/store/{arm_dir}/manifest.json"),
+        "var/lib/kiln/roots/image-arm".into(),
+        "var/lib/kiln/boot/efi_arm64".into(),
+    ] {
+        assert!(listing.lines().any(|l| l == want), "{want} not carried:\n{listing}");
+    }
+    let carried = sh(&format!(
+        "tail -c +{} '{}' | gzip -dc | (cd '{}' && cpio -id --quiet 'var/lib/kiln/store/{arm_dir}/manifest.json') && cat '{}/var/lib/kiln/store/{arm_dir}/manifest.json'",
+        skip + 1,
+        d.join("initrd").display(),
+        d.display(),
+        d.display()
+    ));
+    let carried: Value = serde_json::from_str(&carried).unwrap();
+    assert_eq!(carried["arch"], "aarch64");
+}
+
 // ---------------------------------------------------------------------------------------------
 // PXE boots through kiln serve with a real iPXE tree (KILN_IPXE_SRC).
 
