@@ -360,6 +360,9 @@ mod tests {
         };
         let site = Site {
             server: ServerRecipe::default(),
+            http_limits: HttpLimits::default(),
+            overlay_allow: vec![],
+            state_limits: StateLimits::default(),
             address: Ipv4Addr::new(10, 4, 0, 1),
             prefix: 24,
             http_port: 80,
