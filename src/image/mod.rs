@@ -176,9 +176,6 @@ pub struct FetchOptions {
     pub arch: Option<String>,
 }
 
-/// The architectures kiln builds bundles for, by their OCI names.
-pub const ARCHES: &[&str] = &["amd64", "arm64"];
-
 /// The OCI name of an architecture a user wrote (`x86_64` and `aarch64` are accepted too).
 pub fn oci_arch(name: &str) -> Result<&'static str> {
     match name.trim().to_ascii_lowercase().as_str() {
