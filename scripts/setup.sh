@@ -2,7 +2,9 @@
 # setup.sh — install every Debian package that kiln's tests and benchmarks
 # need (OCI tooling, compressors, QEMU + firmware, debootstrap, fixtures
 # toolchain). Idempotent: only missing packages are installed, and
-# `apt-get update` runs at most once, only when something must be installed.
+# `apt-get update` runs at most once, only when something must be installed or
+# dpkg has just learnt the arm64 architecture (the arm64 fixtures download
+# Debian's arm64 kernel and busybox-static packages; nothing arm64 is installed).
 # Must run as root (or via sudo) on Debian 12 (bookworm).
 set -euo pipefail
 
@@ -15,6 +17,8 @@ PACKAGES=(
 	pigz
 	gzip
 	qemu-system-x86
+	qemu-system-arm
+	qemu-efi-aarch64
 	ovmf
 	seabios
 	ipxe-qemu
@@ -61,6 +65,18 @@ is_installed() {
 	[[ "$status" == "install ok installed" ]]
 }
 
+SUDO=()
+if ((EUID != 0)); then
+	SUDO=(sudo)
+fi
+
+update=0
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+	echo "setup: adding the arm64 architecture to dpkg (for the arm64 fixtures' packages)"
+	"${SUDO[@]}" dpkg --add-architecture arm64
+	update=1
+fi
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
 	if ! is_installed "$pkg"; then
@@ -69,13 +85,11 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if ((${#missing[@]} == 0)); then
+	if ((update)); then
+		"${SUDO[@]}" apt-get update
+	fi
 	echo "setup: all ${#PACKAGES[@]} packages already installed"
 	exit 0
-fi
-
-SUDO=()
-if ((EUID != 0)); then
-	SUDO=(sudo)
 fi
 
 echo "setup: installing: ${missing[*]}"

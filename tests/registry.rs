@@ -358,3 +358,67 @@ fn export_then_import_into_an_empty_store_elsewhere() {
             .unwrap();
     assert_eq!(r["added"], 0);
 }
+
+/// A multi-platform image pushed with `skopeo copy --all`: `--arch` / `arch =` choose the
+/// manifest (not the build machine's architecture), kiln.lock pins that manifest's digest and
+/// the architecture it is for, and a single-platform image of another architecture is refused.
+#[test]
+fn docker_transport_chooses_the_architecture_from_a_multi_platform_image() {
+    let reg = start_registry();
+    let multi = format!("127.0.0.1:{}/kiln/multi:latest", reg.port);
+    sh(&format!(
+        "skopeo copy --all --quiet --dest-tls-verify=false 'oci:{}:latest' 'docker://{multi}'",
+        multiarch().join("oci").display()
+    ));
+    let digest_of =
+        |arch: &str| fs::read_to_string(multiarch().join(format!("{arch}.digest"))).unwrap().trim().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path();
+    let store = d.join("store");
+    let from = format!("docker://{multi}");
+    let mut paths = Vec::new();
+    for (arch, linux) in [("arm64", "aarch64"), ("amd64", "x86_64")] {
+        let out = kiln_ok(
+            d,
+            &store,
+            &["build", "--from", &from, "--name", "node", "--arch", arch, "--tls-verify=false", "--quiet", "--json"],
+        );
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["manifest"]["arch"], linux);
+        let pinned = format!("docker://127.0.0.1:{}/kiln/multi@{}", reg.port, digest_of(arch));
+        assert_eq!(v["manifest"]["source"]["reference"], pinned.as_str(), "{arch} pinned by its own manifest");
+        paths.push(v["path"].as_str().unwrap().to_string());
+    }
+    assert_ne!(paths[0], paths[1]);
+
+    // A recipe pins the arm64 manifest, and says for which architecture.
+    let recipe = |arch: &str| format!("[image.node]\nfrom = \"{from}\"\narch = \"{arch}\"\n");
+    fs::write(d.join("kiln.toml"), recipe("arm64")).unwrap();
+    let out = kiln_ok(d, &store, &["build", "--tls-verify=false", "--quiet"]);
+    assert_eq!(out.trim(), paths[0], "the same inputs as --arch arm64");
+    let lock = fs::read_to_string(d.join("kiln.lock")).unwrap();
+    assert!(lock.contains(&format!("@{}", digest_of("arm64"))) && lock.contains("arch = \"arm64\""), "{lock}");
+    // Another architecture makes that pin stale: --locked refuses, a plain build pins anew.
+    fs::write(d.join("kiln.toml"), recipe("amd64")).unwrap();
+    let err = kiln_err(d, &store, &["build", "--locked", "--tls-verify=false"]);
+    assert!(err.contains("has no pin for [image.node]") && err.contains("amd64"), "{err}");
+    let out = kiln_ok(d, &store, &["build", "--tls-verify=false", "--quiet"]);
+    assert_eq!(out.trim(), paths[1]);
+    let lock = fs::read_to_string(d.join("kiln.lock")).unwrap();
+    assert!(lock.contains(&format!("@{}", digest_of("amd64"))) && lock.contains("arch = \"amd64\""), "{lock}");
+
+    // A single-platform amd64 image asked for as arm64: refused, naming both; the store unchanged.
+    let single = format!("127.0.0.1:{}/kiln/tiny:latest", reg.port);
+    sh(&format!(
+        "skopeo copy --quiet --dest-tls-verify=false 'oci:{}:latest' 'docker://{single}'",
+        tiny().join("oci").display()
+    ));
+    let before = store_snapshot(&store);
+    let err = kiln_err(
+        d,
+        &store,
+        &["build", "--from", &format!("docker://{single}"), "--name", "wrong", "--arch", "arm64", "--tls-verify=false"],
+    );
+    assert!(err.contains("it is an image for amd64, but arm64 was asked for"), "{err}");
+    assert_eq!(store_snapshot(&store), before);
+}

@@ -9,6 +9,9 @@
 //! subset it serves (every bundle verified against its manifest) and `/kiln/appliance-init`,
 //! which the bundle's init shim runs (`kiln.init=`). How the ISO is laid out, and why those
 //! tools, is in docs/appliance.md; [`iso`] drives them.
+//!
+//! The appliance's own image must be of the architecture this kiln is built for (x86_64: the
+//! ISO boots PCs); the node images it carries and serves may be x86_64 or arm64.
 
 pub mod iso;
 
@@ -143,6 +146,18 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     let built = build::build_recipe(store, loaded, &wanted, opts)?;
     let by_name: BTreeMap<&str, &build::Built> = built.iter().map(|b| (b.name.as_str(), b)).collect();
     let appliance = by_name[app.image.as_str()];
+    // The appliance runs this kiln binary on its own kernel; the nodes it serves may be of any
+    // architecture kiln builds (their bundles are only files to it).
+    let here = std::env::consts::ARCH;
+    if appliance.manifest.arch != here {
+        bail!(
+            "{file}: [appliance] image = {:?} is built for {}, but the appliance runs this kiln, which is built for \
+             {here}: give [appliance] an {here} image (arch = {:?}); node images may be of any architecture",
+            app.image,
+            appliance.manifest.arch,
+            crate::image::host_oci_arch()
+        );
+    }
     let mut progress = Progress::new("appliance");
     let sde = appliance.manifest.source_date_epoch;
 

@@ -96,6 +96,8 @@ struct Plan {
     hash: String,
     sde: i64,
     arch: String,
+    /// The recipe's command line, else the default for the architecture.
+    cmdline: String,
 }
 
 fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
@@ -104,6 +106,7 @@ fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
         None => env_source_date_epoch()?.or(id.created).unwrap_or(0),
     };
     let arch = image::kernel_arch(&id.arch).to_string();
+    let cmdline = spec.cmdline.clone().unwrap_or_else(|| bundle::default_cmdline(&arch).to_string());
     let inputs = json!({
         "kind": "bundle",
         "format": FORMAT_VERSION,
@@ -115,14 +118,14 @@ fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
         },
         "arch": arch,
         "kernel": spec.kernel.as_str(),
-        "cmdline": spec.cmdline,
+        "cmdline": cmdline,
         "compression": spec.compression.name(),
         "level": spec.level,
         "exclude": spec.exclude,
         "source_date_epoch": sde,
         "init_shim": bundle::init_shim_digest().to_string(),
     });
-    Ok(Plan { hash: store::input_hash(&inputs), sde, arch })
+    Ok(Plan { hash: store::input_hash(&inputs), sde, arch, cmdline })
 }
 
 /// The output for `plan` from the store or, failing that, from a substituter (verified against the hash).
@@ -248,7 +251,7 @@ fn build_planned(
             modules: has_modules,
         },
         initrds: vec![initramfs, image_info],
-        cmdline: spec.cmdline.clone(),
+        cmdline: plan.cmdline.clone(),
         source: SourceEntry { reference, transport: source.transport().to_string(), digest: digest.to_string() },
         recipe_hash: hash.clone(),
         source_date_epoch: sde,
@@ -298,7 +301,16 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
         if img.arch.is_some() {
             fetch.arch = img.arch.clone();
         }
-        let locked = lock.image.get(name).filter(|l| l.from == img.from).cloned();
+        // The architecture this image is built for: a pin made for another is stale.
+        let arch = match &fetch.arch {
+            Some(a) => image::oci_arch(a).with_context(|| format!("{}: field `arch`", ctx()))?,
+            None => image::host_oci_arch(),
+        };
+        let locked = lock
+            .image
+            .get(name)
+            .filter(|l| l.from == img.from && l.arch.as_deref().unwrap_or(image::host_oci_arch()) == arch)
+            .cloned();
         if let Source::Docker(reference) = &source {
             let pinned_by_digest = reference.contains("@sha256:");
             match locked.as_ref().and_then(|l| l.pinned.as_ref()) {
@@ -306,7 +318,7 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
                     source = Source::Docker(pinned.strip_prefix("docker://").unwrap_or(pinned).to_string());
                 }
                 _ if opts.locked && !pinned_by_digest => bail!(
-                    "{}: {} has no pin for [image.{name}] ({}) and --locked forbids resolving it; \
+                    "{}: {} has no pin for [image.{name}] ({}, {arch}) and --locked forbids resolving it; \
                      run `kiln build --update` to pin it",
                     loaded.path.display(),
                     lock_path.display(),

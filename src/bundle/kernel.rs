@@ -1,6 +1,7 @@
 //! Finding the kernel inside an image, as Warewulf does: `/boot/vmlinuz-*`,
 //! `/lib/modules/*/vmlinuz` (also under `/usr`), `/boot/Image-*`; the highest version wins;
-//! rescue, debug and kdump kernels and signature/hmac files are skipped.
+//! rescue, debug and kdump kernels and signature/hmac files are skipped. The file found must be
+//! a kernel for the image's architecture ([`check_format`]).
 
 use std::cmp::Ordering;
 
@@ -144,19 +145,70 @@ fn only_module_dir(tree: &Tree) -> Option<String> {
     found
 }
 
-/// Checks that the kernel looks like one for `arch` (x86 bzImage header, arm64 Image magic or
-/// an EFI zboot/gzip image), so a wrong file fails at build time, not at boot.
-pub fn check_format(head: &[u8], arch: &str, path: &str) -> Result<()> {
+/// How many bytes of a kernel file [`detect_arch`] needs to see.
+pub const HEAD_LEN: usize = 64 * 1024;
+
+/// The architecture (Linux names: `x86_64`, `aarch64`) of a kernel from the first bytes of its
+/// file, or `None` when they are not a kernel kiln knows: an x86 bzImage (`HdrS` at 0x202), an
+/// arm64 `Image` (`ARM\x64` at 0x38), an EFI zboot image (`zimg` at 4; the PE header's machine
+/// says which), or a gzip'd one of these (as some distributions ship arm64's `vmlinuz`).
+pub fn detect_arch(head: &[u8]) -> Option<&'static str> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
-    let ok = match arch {
-        "x86_64" | "amd64" => at(0x202, b"HdrS"),
-        "aarch64" | "arm64" => at(0x38, b"ARM\x64") || at(4, b"zimg") || at(0, &[0x1f, 0x8b]),
-        _ => true,
-    };
-    if !ok {
-        bail!("/{path} does not look like a Linux kernel for {arch}; name the right file with `kernel = ...`");
+    if at(0x202, b"HdrS") {
+        return Some("x86_64");
     }
-    Ok(())
+    if at(0x38, b"ARM\x64") {
+        return Some("aarch64");
+    }
+    if at(0, b"MZ") && at(4, b"zimg") {
+        let pe = u32::from_le_bytes(head.get(0x3c..0x40)?.try_into().ok()?) as usize;
+        if !at(pe, b"PE\0\0") {
+            return None;
+        }
+        return match u16::from_le_bytes(head.get(pe + 4..pe + 6)?.try_into().ok()?) {
+            0xaa64 => Some("aarch64"),
+            0x8664 => Some("x86_64"),
+            _ => None,
+        };
+    }
+    if at(0, &[0x1f, 0x8b]) {
+        // Only the start is needed; a truncated stream still yields it.
+        let mut inner = Vec::with_capacity(4096);
+        let mut gz = flate2::read::GzDecoder::new(head);
+        let mut buf = [0u8; 4096];
+        while inner.len() < 4096 {
+            match std::io::Read::read(&mut gz, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => inner.extend_from_slice(&buf[..n]),
+            }
+        }
+        // A gzip'd gzip is no kernel format (and would recurse).
+        if inner.starts_with(&[0x1f, 0x8b]) {
+            return None;
+        }
+        return detect_arch(&inner);
+    }
+    None
+}
+
+/// Checks that the kernel is one for `arch`, so a wrong file fails at build time, not at boot.
+pub fn check_format(head: &[u8], arch: &str, path: &str) -> Result<()> {
+    let want = match arch {
+        "amd64" => "x86_64",
+        "arm64" => "aarch64",
+        a => a,
+    };
+    match detect_arch(head) {
+        Some(found) if found == want => Ok(()),
+        Some(found) => bail!(
+            "/{path} is a kernel for {found}, but the image is for {want}: \
+             the image's configuration names the wrong architecture, or `kernel = ...` names another machine's kernel"
+        ),
+        None => bail!(
+            "/{path} does not look like a Linux kernel for {want} (no bzImage, arm64 Image, EFI zboot or gzip'd Image \
+             header); name the right file with `kernel = ...`"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +241,44 @@ mod tests {
         assert!(check_format(&head, "x86_64", "boot/vmlinuz-x").is_err());
         head[0x202..0x206].copy_from_slice(b"HdrS");
         assert!(check_format(&head, "x86_64", "boot/vmlinuz-x").is_ok());
+        let err = check_format(&head, "aarch64", "boot/vmlinuz-x").unwrap_err().to_string();
+        assert!(err.contains("a kernel for x86_64, but the image is for aarch64"), "{err}");
+    }
+
+    fn arm64_image() -> Vec<u8> {
+        let mut head = vec![0u8; 2048];
+        head[..2].copy_from_slice(b"MZ");
+        head[0x38..0x3c].copy_from_slice(b"ARM\x64");
+        head
+    }
+
+    #[test]
+    fn arm64_kernels_plain_gzipped_and_zboot() {
+        let plain = arm64_image();
+        assert_eq!(detect_arch(&plain), Some("aarch64"));
+        assert!(check_format(&plain, "arm64", "boot/Image-6.6").is_ok());
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        std::io::Write::write_all(&mut gz, &vec![7u8; 100_000]).unwrap();
+        let gz = gz.finish().unwrap();
+        // Only the first bytes of the file are looked at.
+        assert_eq!(detect_arch(&gz[..200.min(gz.len())]), Some("aarch64"));
+        let err = check_format(&gz, "x86_64", "boot/vmlinuz-6.1").unwrap_err().to_string();
+        assert!(err.contains("a kernel for aarch64, but the image is for x86_64"), "{err}");
+
+        // EFI zboot: MZ, "zimg", then a PE header whose machine is arm64.
+        let mut zboot = vec![0u8; 512];
+        zboot[..2].copy_from_slice(b"MZ");
+        zboot[4..8].copy_from_slice(b"zimg");
+        zboot[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+        zboot[0x80..0x84].copy_from_slice(b"PE\0\0");
+        zboot[0x84..0x86].copy_from_slice(&0xaa64u16.to_le_bytes());
+        assert_eq!(detect_arch(&zboot), Some("aarch64"));
+        zboot[0x84..0x86].copy_from_slice(&0x5064u16.to_le_bytes());
+        assert_eq!(detect_arch(&zboot), None);
+
+        let err = check_format(b"not a kernel at all", "arm64", "boot/vmlinuz-x").unwrap_err().to_string();
+        assert!(err.contains("does not look like a Linux kernel for aarch64"), "{err}");
     }
 }

@@ -67,18 +67,33 @@ exec "$init" "$@"
 pub struct BundleSpec {
     pub name: String,
     pub kernel: KernelSpec,
-    pub cmdline: String,
+    /// The kernel command line; `None`: [`default_cmdline`] for the image's architecture.
+    pub cmdline: Option<String>,
     pub compression: Compression,
     pub level: i32,
     pub exclude: Vec<String>,
 }
 
+/// The kernel command line of an x86_64 bundle whose recipe sets none.
 pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200";
+/// The same for arm64, whose servers' (and QEMU's `virt`) serial port is a PL011, `ttyAMA0`.
+pub const DEFAULT_CMDLINE_ARM64: &str = "console=tty0 console=ttyAMA0,115200";
+
+/// The command line a bundle for `arch` (Linux name) boots with when its recipe sets none.
+pub fn default_cmdline(arch: &str) -> &'static str {
+    match arch {
+        "aarch64" | "arm64" => DEFAULT_CMDLINE_ARM64,
+        _ => DEFAULT_CMDLINE,
+    }
+}
 
 impl BundleSpec {
     /// The bundle `[image.NAME]` describes; errors name the field.
     pub fn from_recipe(name: &str, img: &ImageRecipe) -> Result<BundleSpec> {
         Source::parse(&img.from).context("field `from`")?;
+        if let Some(arch) = &img.arch {
+            crate::image::oci_arch(arch).context("field `arch`")?;
+        }
         let compression = match &img.compression {
             Some(c) => Compression::parse(c).context("field `compression`")?,
             None => Compression::Zstd,
@@ -89,7 +104,7 @@ impl BundleSpec {
         Ok(BundleSpec {
             name: name.to_string(),
             kernel: KernelSpec::parse(img.kernel.as_deref().unwrap_or("auto")),
-            cmdline: img.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            cmdline: img.cmdline.clone(),
             compression,
             level,
             exclude: img.exclude.clone(),
@@ -292,7 +307,7 @@ pub fn write_initramfs(sde: i64, compression: Compression, level: i32, out: &Pat
 pub fn write_kernel(tree: &Tree, found: &FoundKernel, arch: &str, out: &Path) -> Result<FileDigest> {
     let node = tree.nodes.get(&found.path).context("internal: kernel vanished from the tree")?;
     let mut data = tree.open_data(&found.path, node)?;
-    let mut head = vec![0u8; 1024];
+    let mut head = vec![0u8; kernel::HEAD_LEN];
     let n = read_up_to(&mut data, &mut head)?;
     head.truncate(n);
     kernel::check_format(&head, arch, &show(&found.path))?;

@@ -10,7 +10,7 @@ use clap::Args;
 use super::StoreArg;
 use crate::archive::Compression;
 use crate::build::{self, BuildOptions};
-use crate::bundle::{BundleSpec, KernelSpec, DEFAULT_CMDLINE};
+use crate::bundle::{BundleSpec, KernelSpec};
 use crate::distribute::Substituters;
 use crate::image::{FetchOptions, RegistryOptions, Source};
 use crate::recipe::{check_name, LoadedRecipe};
@@ -41,9 +41,10 @@ pub struct BuildArgs {
     /// With --from: the kernel, "auto" (found in the image) or a path in the image.
     #[arg(long, default_value = "auto")]
     pub kernel: String,
-    /// With --from: the kernel command line.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// With --from: the kernel command line. By default "console=tty0 console=ttyS0,115200"
+    /// (console=ttyAMA0,115200 for arm64).
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// With --from: zstd, gzip or none.
     #[arg(long, default_value = "zstd")]
     pub compression: String,

@@ -7,7 +7,7 @@ use crate::util::Digest;
 
 #[derive(Debug, Clone, Default)]
 pub struct ImageConfig {
-    /// OCI architecture name (`amd64`, `arm64`).
+    /// OCI architecture name (`amd64`, `arm64`); empty when the configuration names none.
     pub architecture: String,
     /// `created`, as seconds since the epoch.
     pub created: Option<i64>,
@@ -49,16 +49,12 @@ impl ImageConfig {
             .map(|d| Digest::parse(d))
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("{what}: field `rootfs.diff_ids`"))?;
-        Ok(ImageConfig {
-            architecture: raw.architecture.unwrap_or_else(|| super::host_oci_arch().to_string()),
-            created,
-            diff_ids,
-        })
+        Ok(ImageConfig { architecture: raw.architecture.unwrap_or_default(), created, diff_ids })
     }
 
-    /// A plain rootfs has no config: it is taken to be for the host's architecture.
+    /// A plain rootfs has no config: [`super::resolve`] gives it the architecture asked for.
     pub fn for_rootfs() -> Self {
-        ImageConfig { architecture: super::host_oci_arch().to_string(), created: None, diff_ids: vec![] }
+        ImageConfig { architecture: String::new(), created: None, diff_ids: vec![] }
     }
 }
 

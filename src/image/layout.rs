@@ -163,6 +163,13 @@ impl Layout {
                 .collect(),
             None => index.manifests.iter().collect(),
         };
+        // Several platforms listed side by side in index.json (rather than behind one image
+        // index) are one image too: choose by architecture as from an index.
+        let by_platform = chosen.len() > 1 && chosen.iter().all(|m| m.platform.is_some());
+        if by_platform {
+            let pick = pick_platform(chosen.iter().copied(), arch, &self.label)?;
+            return self.resolve_manifest(pick, arch, 0);
+        }
         let desc = match chosen.as_slice() {
             [one] => *one,
             [] if tag.is_some() => {
@@ -202,16 +209,7 @@ impl Layout {
             || manifest.media_type.contains("image.index");
         if is_index {
             let subs = manifest.manifests.unwrap_or_default();
-            let pick = subs
-                .iter()
-                .find(|m| {
-                    m.platform.as_ref().is_some_and(|p| p.architecture == arch && (p.os.is_empty() || p.os == "linux"))
-                })
-                .with_context(|| {
-                    let have: Vec<String> =
-                        subs.iter().filter_map(|m| m.platform.as_ref().map(|p| p.architecture.clone())).collect();
-                    format!("{}: no image for architecture {arch} (have: {})", self.label, have.join(", "))
-                })?;
+            let pick = pick_platform(subs.iter(), arch, &self.label)?;
             return self.resolve_manifest(pick, arch, depth + 1);
         }
         let config_desc =
@@ -249,6 +247,30 @@ impl Layout {
         }
         Ok(LayoutImage { digest, config, layers })
     }
+}
+
+/// The Linux image for `arch` among an index's manifests; an error lists the architectures there are.
+fn pick_platform<'a>(
+    manifests: impl Iterator<Item = &'a Descriptor> + Clone,
+    arch: &str,
+    label: &str,
+) -> Result<&'a Descriptor> {
+    let linux = |p: &Platform| p.os.is_empty() || p.os == "linux";
+    if let Some(found) =
+        manifests.clone().find(|m| m.platform.as_ref().is_some_and(|p| p.architecture == arch && linux(p)))
+    {
+        return Ok(found);
+    }
+    let mut have: Vec<String> = manifests
+        .filter_map(|m| m.platform.as_ref())
+        .filter(|p| linux(p) && p.architecture != "unknown")
+        .map(|p| p.architecture.clone())
+        .collect();
+    have.dedup();
+    bail!(
+        "{label}: the image has no {arch} variant (it has: {}); set `arch` (or --arch) to one of those",
+        if have.is_empty() { "none for Linux".to_string() } else { have.join(", ") }
+    )
 }
 
 fn is_tar_layer(media_type: &str) -> bool {

@@ -171,17 +171,59 @@ enum Content {
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
     pub registry: RegistryOptions,
-    /// Architecture to choose from a multi-platform index (OCI names: amd64, arm64).
+    /// Architecture to choose from a multi-platform index and to require of a single image
+    /// (`amd64`, `arm64`, or the kernel's names `x86_64`, `aarch64`). By default, this machine's.
     pub arch: Option<String>,
 }
 
+/// The OCI name of an architecture a user wrote (`x86_64` and `aarch64` are accepted too).
+pub fn oci_arch(name: &str) -> Result<&'static str> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "amd64" | "x86_64" | "x86-64" => Ok("amd64"),
+        "arm64" | "aarch64" => Ok("arm64"),
+        other => bail!("unknown architecture {other:?}: kiln builds bundles for amd64 (x86_64) and arm64 (aarch64)"),
+    }
+}
+
 /// Reads an image's manifest and config (for registries: resolves the tag to a digest).
+///
+/// From a multi-platform index the manifest for `opts.arch` is chosen; an image of another
+/// architecture is refused with a message naming both. Plain root filesystems (`dir:`,
+/// `tar:`) carry no architecture and are taken to be of the one asked for.
 pub fn resolve(source: &Source, opts: &FetchOptions) -> Result<ResolvedImage> {
-    let want_arch = opts.arch.clone().unwrap_or_else(|| host_oci_arch().to_string());
+    let want_arch = match &opts.arch {
+        Some(a) => oci_arch(a)?,
+        None => host_oci_arch(),
+    };
+    let mut resolved = resolve_for(source, opts, want_arch)?;
+    match source {
+        Source::Dir(_) | Source::Tar(_) => resolved.config.architecture = want_arch.to_string(),
+        _ => {
+            check_arch(&resolved.config.architecture, want_arch)?;
+            resolved.config.architecture = want_arch.to_string();
+        }
+    }
+    Ok(resolved)
+}
+
+/// Refuses an image whose configuration names another architecture than the one asked for.
+fn check_arch(have: &str, want: &str) -> Result<()> {
+    let have_oci = oci_arch(have).ok();
+    if have_oci == Some(want) {
+        return Ok(());
+    }
+    let have = if have.is_empty() { "no architecture" } else { have };
+    bail!(
+        "it is an image for {have}, but {want} was asked for (`--arch` or the recipe's `arch`): build it with \
+         arch = {have:?}, or from a multi-platform image that has an {want} variant"
+    )
+}
+
+fn resolve_for(source: &Source, opts: &FetchOptions, want_arch: &str) -> Result<ResolvedImage> {
     match source {
         Source::Oci { dir, tag } => {
             let layout = layout::Layout::open_dir(dir)?;
-            let img = layout.image(tag.as_deref(), &want_arch)?;
+            let img = layout.image(tag.as_deref(), want_arch)?;
             Ok(ResolvedImage {
                 source: source.clone(),
                 digest: img.digest,
@@ -192,7 +234,7 @@ pub fn resolve(source: &Source, opts: &FetchOptions) -> Result<ResolvedImage> {
         }
         Source::OciArchive(file) => {
             let layout = layout::Layout::open_archive(file)?;
-            let img = layout.image(None, &want_arch)?;
+            let img = layout.image(None, want_arch)?;
             Ok(ResolvedImage {
                 source: source.clone(),
                 digest: img.digest,
@@ -239,7 +281,7 @@ pub fn resolve(source: &Source, opts: &FetchOptions) -> Result<ResolvedImage> {
             })
         }
         Source::Docker(reference) => {
-            let (session, resolved) = registry::Session::open(reference, &opts.registry)?;
+            let (session, resolved) = registry::Session::open(reference, &opts.registry, want_arch)?;
             Ok(ResolvedImage {
                 source: source.clone(),
                 digest: resolved.digest,

@@ -2,6 +2,10 @@
 //! with the `containers-image-proxy` crate, so registries, auth files, mirrors and
 //! `registries.conf` behave as they do for podman and skopeo.
 //!
+//! From a multi-platform image (an image index or manifest list) the proxy chooses the manifest
+//! for the architecture kiln asks for (skopeo's `--override-arch`, never the build machine's by
+//! accident), and the digest kiln pins is that manifest's.
+//!
 //! Blobs are downloaded into the build's spool directory (the proxy checks their size and
 //! digest, and kiln checks the digest again when it reads them).
 
@@ -75,14 +79,19 @@ struct Desc {
 }
 
 impl Session {
-    pub fn open(reference: &str, opts: &RegistryOptions) -> Result<(Self, Resolved)> {
+    /// Opens `reference` and reads the manifest and config of its `arch` (OCI name) image.
+    pub fn open(reference: &str, opts: &RegistryOptions, arch: &str) -> Result<(Self, Resolved)> {
         let rt =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
         let full = format!("docker://{reference}");
+        if crate::util::which("skopeo", None).is_none() {
+            bail!("{full}: docker:// sources are read with skopeo, which is not installed (Debian/Ubuntu: apt-get install skopeo)");
+        }
         let (proxy, img) = rt.block_on(async {
             let mut config = ImageProxyConfig::default();
             config.authfile = opts.authfile.clone();
             config.insecure_skip_tls_verification = Some(!opts.tls_verify);
+            config.skopeo_cmd = Some(skopeo_command(arch));
             let proxy = ImageProxy::new_with_config(config).await.context(
                 "starting skopeo's image proxy (docker:// sources need skopeo; on Debian/Ubuntu: apt-get install skopeo)",
             )?;
@@ -172,6 +181,25 @@ impl Session {
             let _ = rt.block_on(proxy.finalize());
         }
         Ok(out)
+    }
+}
+
+/// skopeo choosing images for `arch` on Linux. Its own default command binds skopeo's life to
+/// kiln's with a parent-death signal; `setpriv` does the same here (util-linux, on every Debian
+/// and Ubuntu), and where it is missing skopeo still exits when kiln closes the socket.
+fn skopeo_command(arch: &str) -> std::process::Command {
+    let platform = ["--override-arch", arch, "--override-os", "linux"];
+    match crate::util::which("setpriv", None) {
+        Some(setpriv) => {
+            let mut c = std::process::Command::new(setpriv);
+            c.args(["--pdeathsig", "TERM", "--", "skopeo"]).args(platform);
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new("skopeo");
+            c.args(platform);
+            c
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The boot server's HTTP side: a small HTTP/1.1 server (RFC 9110/9112) for four routes.
 //!
-//! - `GET /ipxe/{mac}`: the machine's iPXE script (its node's bundle, or the unknown-machine
+//! - `GET /ipxe/{mac}[?arch=ARCH]`: the machine's iPXE script (its node's bundle, or the unknown-machine
 //!   answer);
 //! - `GET /blob/sha256/{hex}`: a bundle file by digest, with single ranges (`bytes=a-b`, `a-`,
 //!   `-n`), a strong ETag (the digest), `If-None-Match`, `Cache-Control: immutable`, and the body
@@ -236,12 +236,19 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
         let Ok(mac) = m.parse::<Mac>() else {
             return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
         };
-        let script = site.script(mac);
+        // `?arch=`: the architecture the machine's iPXE reported, when its script asked it to.
+        let firmware = req.path.split_once('?').and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("arch=")));
+        let script = site.script(mac, firmware.map(percent_decode).as_deref());
         // `unknown = "ignore"`: a machine outside the node list leaves no trace.
         if site.node(mac).is_some() || site.server.unknown != UnknownPolicy::Ignore {
-            event(mac, "script", site.node(mac).map(|n| n.name.clone()).unwrap_or_else(|| "unknown".into()));
+            match &script.mismatch {
+                Some(problem) => event(mac, "arch-mismatch", problem.clone()),
+                None => {
+                    event(mac, "script", site.node(mac).map(|n| n.name.clone()).unwrap_or_else(|| "unknown".into()))
+                }
+            }
         }
-        let mut r = Response::text(200, "OK", script);
+        let mut r = Response::text(200, "OK", script.text);
         r.headers.push(("Cache-Control", "no-store".into()));
         return r;
     }

@@ -1,6 +1,11 @@
 //! What one boot server serves, resolved from the recipe and the store: nodes, the bundles they
 //! boot (verified against their manifests), the iPXE binaries for firmware, overlays, and the
 //! per-node iPXE scripts. Built whole at start and on every reload; requests read a snapshot.
+//!
+//! A script first asks iPXE which architecture it runs as (`${buildarch}`): a machine whose
+//! firmware cannot run its bundle's kernel (an arm64 node given an x86_64 image, or the reverse)
+//! is sent back for a script that says so on its console, and the server records the mismatch,
+//! rather than handing it a kernel that cannot start.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -37,6 +42,32 @@ pub struct Bundle {
     pub initramfs: String,
     pub image: String,
     pub cmdline: String,
+    /// The kernel's architecture as Linux names it (`x86_64`, `aarch64`), from the manifest.
+    pub arch: String,
+}
+
+/// A script for one machine, and what went wrong when it cannot boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    pub text: String,
+    /// Set when the machine's firmware cannot run its image's kernel: a line for the boot log.
+    pub mismatch: Option<String>,
+}
+
+impl Script {
+    fn ok(text: String) -> Script {
+        Script { text, mismatch: None }
+    }
+}
+
+/// iPXE's `${buildarch}` values that can start a kernel for `arch` (Linux name). A 32-bit x86
+/// iPXE (Debian's `undionly.kpxe`) boots 64-bit kernels.
+fn firmware_runs(arch: &str) -> &'static [&'static str] {
+    match arch {
+        "x86_64" => &["x86_64", "i386"],
+        "aarch64" => &["arm64"],
+        _ => &[],
+    }
 }
 
 pub struct Site {
@@ -161,23 +192,59 @@ impl Site {
     }
 
     /// The iPXE script for a machine: its node's bundle, or what `unknown` says for others.
-    pub fn script(&self, mac: Mac) -> String {
-        match self.node(mac) {
+    ///
+    /// `firmware` is the architecture the machine's iPXE reported (`${buildarch}`, sent back as
+    /// `?arch=`): `None` on the first request, whose script checks it before booting; empty when
+    /// that iPXE cannot tell, which boots as before.
+    pub fn script(&self, mac: Mac, firmware: Option<&str>) -> Script {
+        let base = self.base_url();
+        let (who, bundle, extra, overlay) = match self.node(mac) {
             Some(node) => match self.bundles.get(&node.image) {
-                Some(b) => {
-                    boot_script(&self.base_url(), &format!("{} ({mac})", node.name), b, &node.cmdline, Some(mac))
+                Some(b) => (format!("{} ({mac})", node.name), b, node.cmdline.as_str(), Some(mac)),
+                None => {
+                    return Script::ok(wait_script(&format!(
+                        "kiln: no bundle for image {} of {}",
+                        node.image, node.name
+                    )))
                 }
-                None => wait_script(&format!("kiln: no bundle for image {} of {}", node.image, node.name)),
             },
             None => match &self.server.unknown {
                 UnknownPolicy::Boot(img) => match self.bundles.get(img) {
-                    Some(b) => boot_script(&self.base_url(), &format!("unknown machine {mac}"), b, "", None),
-                    None => wait_script(&format!("kiln: no bundle for image {img}")),
+                    Some(b) => (format!("unknown machine {mac}"), b, "", None),
+                    None => return Script::ok(wait_script(&format!("kiln: no bundle for image {img}"))),
                 },
-                _ => wait_script(&format!(
-                    "kiln: {mac} is not a known node; it has been recorded. Add it with kiln node add."
-                )),
+                _ => {
+                    return Script::ok(wait_script(&format!(
+                        "kiln: {mac} is not a known node; it has been recorded. Add it with kiln node add."
+                    )))
+                }
             },
+        };
+        let runs = firmware_runs(&bundle.arch);
+        match firmware {
+            Some(fw) if !fw.is_empty() && !runs.is_empty() && !runs.contains(&fw) => {
+                let problem = format!(
+                    "image {} is built for {}, but the machine's firmware runs {fw} code: not booting it",
+                    bundle.name, bundle.arch
+                );
+                Script { text: mismatch_script(&who, &problem), mismatch: Some(problem) }
+            }
+            Some(_) => Script::ok(boot_script(&base, &who, bundle, extra, overlay)),
+            None => {
+                let mut text = boot_script(&base, &who, bundle, extra, overlay);
+                if !runs.is_empty() {
+                    // Any other architecture (or an iPXE that does not know its own) asks again,
+                    // saying what it is; the answer then boots or explains. Never a loop: that
+                    // request carries `arch`.
+                    let checks: Vec<String> = runs.iter().map(|a| format!("iseq ${{buildarch}} {a}")).collect();
+                    let guard = format!(
+                        "{} || chain --replace --autofree {base}/ipxe/{mac}?arch=${{buildarch}}\n",
+                        checks.join(" || ")
+                    );
+                    text.insert_str("#!ipxe\n".len(), &guard);
+                }
+                Script::ok(text)
+            }
         }
     }
 }
@@ -211,6 +278,15 @@ fn wait_script(msg: &str) -> String {
     format!("#!ipxe\necho {msg}\necho retrying in 30 seconds\nsleep 30\nreboot\n")
 }
 
+/// What a machine whose firmware cannot run its image's kernel shows, until the recipe is fixed.
+fn mismatch_script(who: &str, problem: &str) -> String {
+    format!(
+        "#!ipxe\necho kiln: {who}: {problem}\n\
+         echo kiln: give it an image built for its architecture (arch in the image's recipe), then kiln build\n\
+         echo retrying in 60 seconds\nsleep 60\nreboot\n"
+    )
+}
+
 fn load_bundle(store: &Store, image: &str) -> Result<Bundle> {
     let path = store.root(RootKind::Image, image).with_context(|| {
         format!("it has not been built into the store at {}: run `kiln build` first", store.dir().display())
@@ -227,6 +303,7 @@ fn load_bundle(store: &Store, image: &str) -> Result<Bundle> {
         initramfs: hex(bundle::manifest::INITRAMFS)?,
         image: hex(bundle::manifest::IMAGE)?,
         cmdline: m.cmdline.clone(),
+        arch: m.arch.clone(),
         path,
     })
 }
@@ -244,6 +321,7 @@ mod tests {
             initramfs: "i".repeat(64),
             image: "m".repeat(64),
             cmdline: "console=ttyS0".into(),
+            arch: "x86_64".into(),
         };
         let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
         let s = boot_script("http://10.4.0.1", "n001", &b, "quiet", Some(mac));
@@ -254,5 +332,85 @@ mod tests {
         )));
         assert!(s.contains("initrd --name overlay http://10.4.0.1/overlay/52:54:00:00:00:01\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    fn site_with(arch: &str) -> (Site, Mac) {
+        let mac: Mac = "52:54:00:00:00:02".parse().unwrap();
+        let node = Node {
+            name: "a001".into(),
+            mac,
+            image: "compute".into(),
+            hostname: "a001".into(),
+            ipv4: None,
+            prefix: None,
+            gateway: None,
+            cmdline: String::new(),
+            vlan: None,
+            tags: vec![],
+            ssh_authorized_keys: vec![],
+        };
+        let bundle = Bundle {
+            name: "compute".into(),
+            path: "/x".into(),
+            kernel: "k".repeat(64),
+            initramfs: "i".repeat(64),
+            image: "m".repeat(64),
+            cmdline: String::new(),
+            arch: arch.into(),
+        };
+        let site = Site {
+            server: ServerRecipe::default(),
+            http_limits: HttpLimits::default(),
+            overlay_allow: vec![],
+            state_limits: StateLimits::default(),
+            address: Ipv4Addr::new(10, 4, 0, 1),
+            prefix: 24,
+            http_port: 80,
+            nodes: vec![node],
+            by_mac: [(mac, 0)].into_iter().collect(),
+            bundles: [("compute".to_string(), bundle)].into_iter().collect(),
+            blobs: HashMap::new(),
+            overlays: HashMap::new(),
+            boot_files: BootFiles::default(),
+        };
+        (site, mac)
+    }
+
+    #[test]
+    fn scripts_check_the_firmware_architecture_before_booting() {
+        let (site, mac) = site_with("aarch64");
+        // First request: iPXE checks its own architecture, and asks again only when it differs.
+        let first = site.script(mac, None);
+        assert_eq!(first.mismatch, None);
+        let lines: Vec<&str> = first.text.lines().collect();
+        assert_eq!(lines[0], "#!ipxe");
+        assert_eq!(
+            lines[1],
+            "iseq ${buildarch} arm64 || chain --replace --autofree http://10.4.0.1/ipxe/52:54:00:00:00:02?arch=${buildarch}"
+        );
+        assert!(first.text.contains("\nkernel http://10.4.0.1/blob/sha256/") && first.text.ends_with("boot\n"));
+
+        // An x86 iPXE asking again gets the explanation, not the kernel.
+        let wrong = site.script(mac, Some("x86_64"));
+        let problem = wrong.mismatch.expect("a mismatch");
+        assert_eq!(
+            problem,
+            "image compute is built for aarch64, but the machine's firmware runs x86_64 code: not booting it"
+        );
+        assert!(wrong.text.contains(&format!("echo kiln: a001 (52:54:00:00:00:02): {problem}\n")), "{}", wrong.text);
+        assert!(!wrong.text.contains("kernel ") && !wrong.text.contains("chain"), "{}", wrong.text);
+
+        // The right architecture, or an iPXE that cannot say, boots without asking again.
+        for fw in ["arm64", ""] {
+            let ok = site.script(mac, Some(fw));
+            assert_eq!(ok.mismatch, None);
+            assert!(!ok.text.contains("buildarch") && ok.text.contains("\nboot\n"), "{}", ok.text);
+        }
+
+        // x86_64 images accept 32-bit x86 iPXE builds too.
+        let (site, mac) = site_with("x86_64");
+        assert!(site.script(mac, None).text.contains("iseq ${buildarch} x86_64 || iseq ${buildarch} i386 || chain"));
+        assert_eq!(site.script(mac, Some("i386")).mismatch, None);
+        assert!(site.script(mac, Some("arm64")).mismatch.unwrap().contains("firmware runs arm64 code"));
     }
 }

@@ -13,10 +13,16 @@ pub fn repo() -> PathBuf {
 
 /// Runs a fixture script (it caches its output) and returns the directory it printed last.
 pub fn fixture(script: &str) -> PathBuf {
+    fixture_with(script, &[])
+}
+
+/// [`fixture`] with arguments (e.g. the architecture).
+pub fn fixture_with(script: &str, args: &[&str]) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new("bash")
         .arg(repo().join("scripts/fixtures").join(script))
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("running fixture {script}: {e}"));
@@ -30,6 +36,18 @@ pub fn fixture(script: &str) -> PathBuf {
 pub fn tiny() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| fixture("tiny.sh")).clone()
+}
+
+/// The tiny image built for arm64 (Debian's arm64 kernel and busybox-static).
+pub fn tiny_arm64() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| fixture_with("tiny.sh", &["arm64"])).clone()
+}
+
+/// The tiny image for amd64 and arm64 behind one image index (`oci/`, `multiarch.oci.tar`).
+pub fn multiarch() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| fixture("multiarch.sh")).clone()
 }
 
 pub fn debian() -> PathBuf {
