@@ -90,7 +90,60 @@ impl FromStr for UnknownPolicy {
     }
 }
 
-crate::serde_as_text!(DhcpMode, UnknownPolicy);
+/// How kiln talks to a node's BMC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BmcProtocol {
+    /// DMTF Redfish over HTTPS (HTTP accepted for emulators and test rigs).
+    #[default]
+    Redfish,
+    /// IPMI 2.0 (RMCP+, `ipmitool -I lanplus`).
+    Ipmi,
+}
+
+impl fmt::Display for BmcProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BmcProtocol::Redfish => "redfish",
+            BmcProtocol::Ipmi => "ipmi",
+        })
+    }
+}
+
+impl FromStr for BmcProtocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "redfish" => Ok(BmcProtocol::Redfish),
+            "ipmi" => Ok(BmcProtocol::Ipmi),
+            _ => bail!("invalid BMC protocol {s:?}: expected redfish or ipmi"),
+        }
+    }
+}
+
+crate::serde_as_text!(DhcpMode, UnknownPolicy, BmcProtocol);
+
+/// `bmc = { ... }` of a `[node.NAME]` or `[profile.NAME]`: the node's baseboard management controller, used by
+/// `kiln power` and `kiln node console`. A profile carries everything but the address; the node's keys win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcRecipe {
+    /// A host, `host:port`, or a URL (`https://` is the default for Redfish; a Redfish URL may end with the
+    /// system's path, `/redfish/v1/Systems/ID`).
+    pub address: Option<String>,
+    /// `redfish` (default) or `ipmi`.
+    pub protocol: Option<BmcProtocol>,
+    pub user: Option<String>,
+    /// A file holding the password (its first line); else `KILN_BMC_PASSWORD`.
+    pub password_file: Option<PathBuf>,
+    /// Skip TLS certificate verification (self-signed BMC certificates); said on every use.
+    pub insecure: Option<bool>,
+    /// PEM file of the CA (or the certificate itself) the BMC's certificate is checked against, instead of the
+    /// public roots.
+    pub ca_file: Option<PathBuf>,
+    /// Never read: accepted only so that a password written here is refused with a message saying where it goes.
+    #[serde(default)]
+    pub password: Option<serde::de::IgnoredAny>,
+}
 
 /// `[server.boot_files]`: a firmware file per client architecture, overriding the `[ipxe.*]` build named by
 /// `[server] ipxe`.
@@ -178,6 +231,8 @@ pub struct ProfileRecipe {
     pub tags: Vec<String>,
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
+    /// BMC settings shared by the profile's nodes (everything but `address`).
+    pub bmc: Option<BmcRecipe>,
 }
 
 /// `[node.NAME]`.
@@ -198,6 +253,8 @@ pub struct NodeRecipe {
     pub tags: Vec<String>,
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
+    /// The node's BMC, over the profile's settings.
+    pub bmc: Option<BmcRecipe>,
 }
 
 /// `[ipxe.NAME]`: an iPXE build (`kiln build-ipxe`).
@@ -245,6 +302,8 @@ mod tests {
         assert!("boot:".parse::<UnknownPolicy>().is_err());
         assert_eq!("full".parse::<DhcpMode>().unwrap(), DhcpMode::Full);
         assert!("fulll".parse::<DhcpMode>().unwrap_err().to_string().contains("full, proxy or off"));
+        assert_eq!("ipmi".parse::<BmcProtocol>().unwrap(), BmcProtocol::Ipmi);
+        assert!("redfsh".parse::<BmcProtocol>().unwrap_err().to_string().contains("redfish or ipmi"));
         for p in ["ignore", "record", "boot:x"] {
             assert_eq!(p.parse::<UnknownPolicy>().unwrap().to_string(), p);
         }

@@ -175,6 +175,7 @@ mod tests {
             vlan: None,
             tags: vec![],
             ssh_authorized_keys: vec!["ssh-ed25519 AAAA test".into()],
+            bmc: None,
         }
     }
 
