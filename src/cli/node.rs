@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::StoreArg;
 use crate::net::Mac;
-use crate::recipe::edit::{self, NodeEdit};
+use crate::recipe::edit::{self, BmcEdit, NodeEdit};
 use crate::recipe::LoadedRecipe;
 use crate::serve::control::{self, Query};
 use crate::serve::state::{BootEvent, Discovered};
@@ -41,6 +41,23 @@ pub struct NodeFields {
     /// Free-form tag (repeatable); replaces the node's tags.
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// The BMC's address: a host, host:port or URL (https:// is the default for Redfish).
+    #[arg(long)]
+    pub bmc_address: Option<String>,
+    /// How kiln talks to the BMC: redfish (default) or ipmi.
+    #[arg(long, value_parser = ["redfish", "ipmi"])]
+    pub bmc_protocol: Option<String>,
+    #[arg(long)]
+    pub bmc_user: Option<String>,
+    /// A file holding the BMC password (never the password itself; KILN_BMC_PASSWORD is the alternative).
+    #[arg(long)]
+    pub bmc_password_file: Option<String>,
+    /// Accept the BMC's certificate unverified (self-signed); kiln says so on every use.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub bmc_insecure: Option<bool>,
+    /// A PEM file of the CA that signed the BMC's certificate.
+    #[arg(long)]
+    pub bmc_ca_file: Option<String>,
 }
 
 impl NodeFields {
@@ -55,6 +72,14 @@ impl NodeFields {
             cmdline: self.cmdline.clone(),
             vlan: self.vlan,
             tags: (!self.tags.is_empty()).then(|| self.tags.clone()),
+            bmc: BmcEdit {
+                address: self.bmc_address.clone(),
+                protocol: self.bmc_protocol.clone(),
+                user: self.bmc_user.clone(),
+                password_file: self.bmc_password_file.clone(),
+                insecure: self.bmc_insecure,
+                ca_file: self.bmc_ca_file.clone(),
+            },
         }
     }
 }

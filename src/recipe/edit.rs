@@ -9,7 +9,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::nodes::{resolve_nodes, Node};
+use super::nodes::{resolve_nodes, BmcAddress, Node};
+use super::server::BmcProtocol;
 use super::{check_name, parse};
 use crate::net::{Ipv4Cidr, Mac};
 
@@ -25,6 +26,19 @@ pub struct NodeEdit {
     pub cmdline: Option<String>,
     pub vlan: Option<u16>,
     pub tags: Option<Vec<String>>,
+    pub bmc: BmcEdit,
+}
+
+/// The node's `bmc = { ... }` keys given on the command line; `None` leaves a key as it is. There is no password:
+/// it never goes in kiln.toml.
+#[derive(Debug, Default, Clone)]
+pub struct BmcEdit {
+    pub address: Option<String>,
+    pub protocol: Option<String>,
+    pub user: Option<String>,
+    pub password_file: Option<String>,
+    pub insecure: Option<bool>,
+    pub ca_file: Option<String>,
 }
 
 fn validate(text: &str, path: &Path) -> Result<Vec<Node>> {
@@ -74,6 +88,45 @@ fn apply(table: &mut toml_edit::Table, edit: &NodeEdit) -> Result<()> {
             arr.push(t.as_str());
         }
         table["tags"] = value(arr);
+    }
+    apply_bmc(table, &edit.bmc)
+}
+
+/// Sets keys of the node's `bmc` table (inline or not), creating it inline when absent.
+fn apply_bmc(table: &mut toml_edit::Table, edit: &BmcEdit) -> Result<()> {
+    use toml_edit::value;
+    let mut keys: Vec<(&str, toml_edit::Item)> = Vec::new();
+    if let Some(a) = &edit.address {
+        let parsed: BmcAddress = a.parse().context("--bmc-address")?;
+        keys.push(("address", value(parsed.to_string())));
+    }
+    if let Some(p) = &edit.protocol {
+        let p: BmcProtocol = p.parse().context("--bmc-protocol")?;
+        keys.push(("protocol", value(p.to_string())));
+    }
+    if let Some(u) = &edit.user {
+        keys.push(("user", value(u.as_str())));
+    }
+    if let Some(f) = &edit.password_file {
+        keys.push(("password_file", value(f.as_str())));
+    }
+    if let Some(i) = edit.insecure {
+        keys.push(("insecure", value(i)));
+    }
+    if let Some(c) = &edit.ca_file {
+        keys.push(("ca_file", value(c.as_str())));
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let item = table.entry("bmc").or_insert_with(|| value(toml_edit::InlineTable::new()));
+    let bmc = item.as_table_like_mut().context("the node's `bmc` is not a table")?;
+    for (k, v) in keys {
+        bmc.insert(k, v);
+    }
+    // A key appended to an inline table keeps the old last key's trailing space before its comma.
+    if let Some(inline) = item.as_inline_table_mut() {
+        inline.fmt();
     }
     Ok(())
 }
@@ -162,6 +215,28 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), text, "a rejected edit changed the file");
         set(&p, "n042", &NodeEdit { hostname: Some("gpu42".into()), ..Default::default() }).unwrap();
         assert_eq!(list(&p).unwrap().iter().find(|n| n.name == "n042").unwrap().hostname, "gpu42");
+        let bmc = BmcEdit {
+            address: Some("10.5.0.42".into()),
+            user: Some("admin".into()),
+            password_file: Some("/etc/kiln/bmc.pass".into()),
+            ..Default::default()
+        };
+        set(&p, "n042", &NodeEdit { bmc, ..Default::default() }).unwrap();
+        let bmc = BmcEdit { protocol: Some("ipmi".into()), insecure: Some(false), ..Default::default() };
+        set(&p, "n042", &NodeEdit { bmc, ..Default::default() }).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.contains(
+                "bmc = { address = \"10.5.0.42\", user = \"admin\", password_file = \"/etc/kiln/bmc.pass\", \
+                 protocol = \"ipmi\", insecure = false }"
+            ),
+            "{text}"
+        );
+        let b = list(&p).unwrap().into_iter().find(|n| n.name == "n042").unwrap().bmc.unwrap();
+        assert_eq!((b.address.host.as_str(), b.protocol), ("10.5.0.42", BmcProtocol::Ipmi));
+        let bad = BmcEdit { address: Some("https://10.5.0.42".into()), ..Default::default() };
+        let err = format!("{:#}", set(&p, "n042", &NodeEdit { bmc: bad, ..Default::default() }).unwrap_err());
+        assert!(err.contains("an IPMI address is a host or host:port"), "{err}");
         rm(&p, "n001").unwrap();
         assert!(!std::fs::read_to_string(&p).unwrap().contains("n001"));
         assert!(rm(&p, "n001").is_err());
