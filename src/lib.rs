@@ -6,7 +6,8 @@
 //!
 //! [`util`], [`net`] (shared pieces) → [`recipe`] (kiln.toml and kiln.lock as plain types) →
 //! [`image`], [`archive`] → [`bundle`] → [`store`] → [`distribute`] → [`build`], [`ipxe`] → [`serve`] →
-//! [`appliance`] → [`cli`] (clap types and printing) → `main`.
+//! [`appliance`] → [`cli`] (clap types and printing) → `main`. [`power`] (node power and consoles through their
+//! BMCs) reads only the recipe and [`util`].
 
 pub mod appliance;
 pub mod archive;
@@ -17,6 +18,7 @@ pub mod distribute;
 pub mod image;
 pub mod ipxe;
 pub mod net;
+pub mod power;
 pub mod recipe;
 pub mod serve;
 pub mod store;

@@ -1,5 +1,5 @@
 //! The command line: every clap type, one file per subcommand ([`build`], [`store`], [`serve`], [`node`],
-//! [`build_ipxe`], [`appliance`], [`push`], [`pull`], [`export`], [`import`]), each calling its part with plain options and printing the result (for people,
+//! [`build_ipxe`], [`appliance`], [`push`], [`pull`], [`export`], [`import`], [`power`]), each calling its part with plain options and printing the result (for people,
 //! or `--json`). Nothing here knows how the work is done.
 
 // clap shows these doc comments as help text, where `[server]` names a table of kiln.toml, not a Rust item.
@@ -11,6 +11,7 @@ pub mod build_ipxe;
 pub mod export;
 pub mod import;
 pub mod node;
+pub mod power;
 pub mod pull;
 pub mod push;
 pub mod serve;
@@ -73,7 +74,7 @@ pub enum Command {
     BuildIpxe(Box<build_ipxe::BuildIpxeArgs>),
     /// List and edit the nodes of the recipe, and the unknown machines that asked to boot.
     #[command(subcommand)]
-    Node(node::NodeCommand),
+    Node(Box<node::NodeCommand>),
     /// Build a bootable hybrid ISO (BIOS + UEFI, CD or USB) that runs `kiln serve`.
     ///
     /// Builds the [appliance] image and the images the nodes boot, then an ISO that boots the
@@ -111,6 +112,15 @@ pub enum Command {
     ///
     ///   kiln import site-a.kiln --to /etc/kiln
     Import(Box<import::ImportArgs>),
+    /// Power nodes on, off, cycle, reset or soft-off through their BMCs (Redfish or IPMI), or show their state.
+    ///
+    /// Contacts a bounded number of BMCs at once; prints one line per node (or --json) and exits non-zero when
+    /// any failed. The BMC is the node's `bmc = { ... }` in kiln.toml (docs/power.md). Examples:
+    ///
+    ///   kiln power status --all
+    ///
+    ///   kiln power cycle --tag rack3 --pxe
+    Power(Box<power::PowerArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -152,12 +162,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Build(args) => build::run(*args),
         Command::Store(cmd) => store::run(cmd),
         Command::Serve(args) => serve::run(args),
-        Command::Node(cmd) => node::run(cmd),
+        Command::Node(cmd) => node::run(*cmd),
         Command::BuildIpxe(args) => build_ipxe::run(*args),
         Command::Appliance(args) => appliance::run(*args),
         Command::Push(args) => push::run(*args),
         Command::Pull(args) => pull::run(*args),
         Command::Export(args) => export::run(*args),
         Command::Import(args) => import::run(*args),
+        Command::Power(args) => power::run(*args),
     }
 }

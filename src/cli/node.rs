@@ -1,4 +1,5 @@
-//! `kiln node ls|add|set|rm|events`: the recipe's nodes, and what the boot server recorded about machines.
+//! `kiln node ls|add|set|rm|events|console`: the recipe's nodes, what the boot server recorded about machines,
+//! and a node's serial console.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ pub struct NodeFields {
     /// A PEM file of the CA that signed the BMC's certificate.
     #[arg(long)]
     pub bmc_ca_file: Option<String>,
+    /// IPMI: the RMCP+ cipher suite (ipmitool -C), e.g. 17, or 3 for old BMCs.
+    #[arg(long)]
+    pub bmc_cipher_suite: Option<u8>,
 }
 
 impl NodeFields {
@@ -79,6 +83,7 @@ impl NodeFields {
                 password_file: self.bmc_password_file.clone(),
                 insecure: self.bmc_insecure,
                 ca_file: self.bmc_ca_file.clone(),
+                cipher_suite: self.bmc_cipher_suite,
             },
         }
     }
@@ -137,6 +142,17 @@ pub enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to a node's serial console through its BMC (IPMI Serial-over-LAN, with ipmitool). For a Redfish
+    /// BMC, which has no console stream, kiln asks what it offers and uses IPMI SOL on the same host. Type ~.
+    /// to leave. Example: kiln node console n042
+    Console {
+        name: String,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        /// Seconds each request to the BMC may take.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        timeout: u64,
+    },
     /// Remove a node from the recipe.
     Rm {
         name: String,
@@ -177,6 +193,19 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
         NodeCommand::Add { name, recipe, fields } => edit::add(&recipe, &name, &fields.edit())?,
         NodeCommand::Set { name, recipe, fields } => edit::set(&recipe, &name, &fields.edit())?,
         NodeCommand::Rm { name, recipe } => edit::rm(&recipe, &name)?,
+        NodeCommand::Console { name, recipe, timeout } => {
+            let node = super::power::node_for_console(&recipe, &name)?;
+            let plan = crate::power::console(&node, std::time::Duration::from_secs(timeout))?;
+            for note in &plan.notes {
+                eprintln!("{note}");
+            }
+            let status = plan.run()?;
+            return Ok(match status.code() {
+                Some(0) => ExitCode::SUCCESS,
+                Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+                None => ExitCode::from(1),
+            });
+        }
         NodeCommand::Events { recipe, store, mac, limit, state_dir, json } => {
             let known = if recipe.exists() { edit::list(&recipe)? } else { vec![] };
             let mac = match mac {

@@ -39,6 +39,7 @@ pub struct BmcEdit {
     pub password_file: Option<String>,
     pub insecure: Option<bool>,
     pub ca_file: Option<String>,
+    pub cipher_suite: Option<u8>,
 }
 
 fn validate(text: &str, path: &Path) -> Result<Vec<Node>> {
@@ -115,6 +116,9 @@ fn apply_bmc(table: &mut toml_edit::Table, edit: &BmcEdit) -> Result<()> {
     }
     if let Some(c) = &edit.ca_file {
         keys.push(("ca_file", value(c.as_str())));
+    }
+    if let Some(c) = edit.cipher_suite {
+        keys.push(("cipher_suite", value(i64::from(c))));
     }
     if keys.is_empty() {
         return Ok(());

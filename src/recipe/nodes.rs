@@ -42,6 +42,7 @@ pub struct Bmc {
     /// TLS certificate verification is off.
     pub insecure: bool,
     pub ca_file: Option<PathBuf>,
+    pub cipher_suite: Option<u8>,
 }
 
 /// Whether a BMC address names its scheme.
@@ -168,6 +169,14 @@ fn resolve_bmc(node: Option<&BmcRecipe>, profile: Option<(&str, &BmcRecipe)>) ->
         bail!("bmc.address {address}: an IPMI address is a host or host:port, not a URL");
     }
     let insecure = node.and_then(|n| n.insecure).or(p.and_then(|p| p.insecure)).unwrap_or(false);
+    let cipher_suite = node.and_then(|n| n.cipher_suite).or(p.and_then(|p| p.cipher_suite));
+    match cipher_suite {
+        Some(c) if protocol != BmcProtocol::Ipmi => {
+            bail!("bmc.cipher_suite = {c} is for IPMI; this BMC speaks {protocol}")
+        }
+        Some(c) if c > 17 => bail!("bmc.cipher_suite = {c}: IPMI cipher suites are 0 to 17"),
+        _ => {}
+    }
     Ok(Some(Bmc {
         address,
         protocol,
@@ -175,6 +184,7 @@ fn resolve_bmc(node: Option<&BmcRecipe>, profile: Option<(&str, &BmcRecipe)>) ->
         password_file: node.and_then(|n| n.password_file.clone()).or_else(|| p.and_then(|p| p.password_file.clone())),
         insecure,
         ca_file: node.and_then(|n| n.ca_file.clone()).or_else(|| p.and_then(|p| p.ca_file.clone())),
+        cipher_suite,
     }))
 }
 
@@ -301,7 +311,7 @@ hostname = "gpu2"
             r#"
 [profile.rack1]
 image = "compute"
-bmc = { protocol = "ipmi", user = "admin", password_file = "/etc/kiln/bmc.pass" }
+bmc = { protocol = "ipmi", user = "admin", password_file = "/etc/kiln/bmc.pass", cipher_suite = 17 }
 [node.n001]
 mac = "52:54:00:00:00:01"
 profile = "rack1"
@@ -319,6 +329,7 @@ bmc = { address = "https://[fd00::5]/redfish/v1/Systems/1/", insecure = true }
         let b = nodes[0].bmc.as_ref().unwrap();
         assert_eq!((b.protocol, b.user.as_deref(), b.address.port), (BmcProtocol::Ipmi, Some("root"), Some(6230)));
         assert_eq!(b.password_file.as_deref(), Some(std::path::Path::new("/etc/kiln/bmc.pass")));
+        assert_eq!(b.cipher_suite, Some(17));
         assert_eq!(nodes[1].bmc, None, "no address: no BMC");
         let b = nodes[2].bmc.as_ref().unwrap();
         assert_eq!((b.protocol, b.insecure), (BmcProtocol::Redfish, true));
@@ -339,6 +350,8 @@ bmc = { address = "https://[fd00::5]/redfish/v1/Systems/1/", insecure = true }
         assert!(e.contains("[profile.p] bmc") && e.contains("belongs to each node"), "{e}");
         let e = err(&node(r#"{ address = "https://admin:pw@10.0.0.1" }"#));
         assert!(e.contains("credentials do not belong") && !e.contains("admin:pw@"), "{e}");
+        let e = err(&node(r#"{ address = "10.0.0.1", cipher_suite = 3 }"#));
+        assert!(e.contains("is for IPMI"), "{e}");
         let e = err(&node(r#"{ address = "10.0.0.1:99999" }"#));
         assert!(e.contains("not a number from 1 to 65535"), "{e}");
         let e = err(&node(r#"{ address = "ftp://10.0.0.1" }"#));
