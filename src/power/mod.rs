@@ -309,7 +309,8 @@ pub fn console(node: &Node, timeout: Duration) -> Result<ConsolePlan> {
                     node.name
                 );
             }
-            let ipmitool = Ipmitool::new(&host, offer.ipmi_port, None, &creds, timeout).map_err(|f| at(f.error))?;
+            let ipmitool =
+                Ipmitool::new(&host, offer.ipmi_port, bmc.cipher_suite, &creds, timeout).map_err(|f| at(f.error))?;
             let notes = vec![
                 format!(
                     "{}: Redfish carries no console stream; the BMC's manager lists: {listed}. Using IPMI SOL at {} \

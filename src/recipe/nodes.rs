@@ -170,12 +170,8 @@ fn resolve_bmc(node: Option<&BmcRecipe>, profile: Option<(&str, &BmcRecipe)>) ->
     }
     let insecure = node.and_then(|n| n.insecure).or(p.and_then(|p| p.insecure)).unwrap_or(false);
     let cipher_suite = node.and_then(|n| n.cipher_suite).or(p.and_then(|p| p.cipher_suite));
-    match cipher_suite {
-        Some(c) if protocol != BmcProtocol::Ipmi => {
-            bail!("bmc.cipher_suite = {c} is for IPMI; this BMC speaks {protocol}")
-        }
-        Some(c) if c > 17 => bail!("bmc.cipher_suite = {c}: IPMI cipher suites are 0 to 17"),
-        _ => {}
+    if let Some(c) = cipher_suite.filter(|&c| c > 17) {
+        bail!("bmc.cipher_suite = {c}: IPMI cipher suites are 0 to 17");
     }
     Ok(Some(Bmc {
         address,
@@ -350,8 +346,8 @@ bmc = { address = "https://[fd00::5]/redfish/v1/Systems/1/", insecure = true }
         assert!(e.contains("[profile.p] bmc") && e.contains("belongs to each node"), "{e}");
         let e = err(&node(r#"{ address = "https://admin:pw@10.0.0.1" }"#));
         assert!(e.contains("credentials do not belong") && !e.contains("admin:pw@"), "{e}");
-        let e = err(&node(r#"{ address = "10.0.0.1", cipher_suite = 3 }"#));
-        assert!(e.contains("is for IPMI"), "{e}");
+        let e = err(&node(r#"{ address = "10.0.0.1", cipher_suite = 18 }"#));
+        assert!(e.contains("0 to 17"), "{e}");
         let e = err(&node(r#"{ address = "10.0.0.1:99999" }"#));
         assert!(e.contains("not a number from 1 to 65535"), "{e}");
         let e = err(&node(r#"{ address = "ftp://10.0.0.1" }"#));

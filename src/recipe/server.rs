@@ -140,7 +140,7 @@ pub struct BmcRecipe {
     /// PEM file of the CA (or the certificate itself) the BMC's certificate is checked against, instead of the
     /// public roots.
     pub ca_file: Option<PathBuf>,
-    /// IPMI only: the RMCP+ cipher suite (`ipmitool -C`; 17 on current BMCs, 3 on old ones). Unset, ipmitool asks
+    /// IPMI (and a Redfish BMC's console, which is IPMI SOL): the RMCP+ cipher suite (`ipmitool -C`; 17 on current BMCs, 3 on old ones). Unset, ipmitool asks
     /// the BMC, which costs a timeout on BMCs that do not answer that question.
     pub cipher_suite: Option<u8>,
     /// Never read: accepted only so that a password written here is refused with a message saying where it goes.
