@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
-use super::credentials::{Credentials, IpmiPasswordFile};
+use super::credentials::{Credentials, IpmiPasswordFile, PASSWORD_ENV};
 use super::{Done, ErrorKind, Failure, PowerAction, PowerState};
 use crate::util::{run_command, which};
 
@@ -58,6 +58,8 @@ impl Ipmitool {
 
     fn command(&self, verbose: bool) -> Command {
         let mut cmd = Command::new("ipmitool");
+        // ipmitool needs none of kiln's environment's secrets.
+        cmd.env_remove(PASSWORD_ENV);
         if verbose {
             cmd.arg("-v");
         }

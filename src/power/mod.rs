@@ -188,7 +188,7 @@ pub fn run(nodes: &[Node], req: &PowerRequest) -> PowerReport {
         let bmc = node.bmc.as_ref();
         let mut o = NodeOutcome {
             node: node.name.clone(),
-            bmc: bmc.map(|b| b.address.to_string()),
+            bmc: bmc.map(endpoint),
             protocol: bmc.map(|b| b.protocol),
             ok: timed.result.is_ok(),
             power: None,
@@ -224,6 +224,19 @@ pub fn run(nodes: &[Node], req: &PowerRequest) -> PowerReport {
     }
 }
 
+/// Where kiln reaches a BMC: the Redfish URL (https:// unless written http://) or IPMI's host:port.
+pub fn endpoint(bmc: &Bmc) -> String {
+    let a = &bmc.address;
+    match bmc.protocol {
+        BmcProtocol::Redfish => {
+            let scheme = if a.scheme == Some(BmcScheme::Http) { "http" } else { "https" };
+            format!("{scheme}://{}{}", a.authority(), a.path)
+        }
+        BmcProtocol::Ipmi if a.port.is_some() => a.authority(),
+        BmcProtocol::Ipmi => format!("{}:{}", a.authority(), ipmi::DEFAULT_PORT),
+    }
+}
+
 fn uses_tls(bmc: &Bmc) -> bool {
     bmc.protocol == BmcProtocol::Redfish && bmc.address.scheme != Some(BmcScheme::Http)
 }
@@ -231,7 +244,7 @@ fn uses_tls(bmc: &Bmc) -> bool {
 /// Says, on every use, what weakens a BMC connection.
 fn warn_about(node: &Node, bmc: &Bmc) {
     if uses_tls(bmc) && bmc.insecure {
-        tracing::warn!("{}: the certificate of BMC {} is not verified (insecure = true)", node.name, bmc.address);
+        tracing::warn!("{}: the certificate of BMC {} is not verified (insecure = true)", node.name, endpoint(bmc));
     }
     if bmc.protocol == BmcProtocol::Redfish && bmc.address.scheme == Some(BmcScheme::Http) {
         tracing::warn!("{}: BMC {} is plain HTTP: the password crosses the network readable", node.name, bmc.address);

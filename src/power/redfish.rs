@@ -275,6 +275,14 @@ impl Redfish {
                 (ErrorKind::Unreachable, "connection refused: is the BMC up and its address right?".into())
             }
             ureq::Error::HostNotFound => (ErrorKind::Unreachable, "host not found".into()),
+            // rustls reports a refused certificate or a failed handshake through the socket's reads.
+            ureq::Error::Io(io) if io.kind() == Io::InvalidData && url.starts_with("https://") => (
+                ErrorKind::Tls,
+                format!(
+                    "TLS: {io}: set the BMC's `ca_file` to the CA that signed its certificate, or `insecure = true` \
+                     to accept it unverified"
+                ),
+            ),
             ureq::Error::Io(io) => (ErrorKind::Unreachable, io.to_string()),
             ureq::Error::ConnectionFailed => (ErrorKind::Unreachable, "connection failed".into()),
             ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => (
