@@ -28,9 +28,9 @@ fn have(tool: &str) -> bool {
 
 /// The venv scripts/setup.sh makes (KILN_SUSHY_VENV, else ~/.cache/kiln/sushy-venv), if sushy-emulator is in it.
 fn sushy_venv() -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-    });
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
     let venv = std::env::var_os("KILN_SUSHY_VENV").map(PathBuf::from).unwrap_or_else(|| cache.join("kiln/sushy-venv"));
     venv.join("bin/sushy-emulator").exists().then_some(venv)
 }

@@ -141,11 +141,14 @@ pub fn run(args: PowerArgs) -> Result<ExitCode> {
                 (Some(e), _) => format!("error: {e}"),
                 (None, PowerAction::Status) => o.power.as_ref().map(ToString::to_string).unwrap_or_default(),
                 (None, _) => {
-                    let was = o.power.as_ref().map(|p| format!("was {p}")).unwrap_or_default();
-                    let did = o.did.as_deref().map(|d| format!(", sent {d}")).unwrap_or_default();
-                    let did = did.replace("sent nothing: ", "");
+                    let was = o.power.as_ref().map(ToString::to_string).unwrap_or_default();
+                    let did = match o.did.as_deref() {
+                        Some(d) if d.starts_with("nothing") => format!("already {was}"),
+                        Some(d) => format!("was {was}, sent {d}"),
+                        None => format!("was {was}"),
+                    };
                     let boot = o.next_boot.as_deref().map(|b| format!(", next boot {b}")).unwrap_or_default();
-                    format!("ok: {was}{did}{boot}")
+                    format!("ok: {did}{boot}")
                 }
             };
             if o.tls_verified == Some(false) {
