@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::power::{self, PowerAction, PowerRequest};
@@ -70,8 +70,7 @@ pub struct PowerArgs {
     pub json: bool,
 }
 
-/// The nodes named, tagged, or all of them, in the recipe's order; relative BMC file paths made relative to the
-/// recipe.
+/// The nodes named, tagged, or all of them, in the recipe's order.
 fn select(loaded: &LoadedRecipe, args: &PowerArgs) -> Result<Vec<Node>> {
     let all = loaded.nodes()?;
     if !args.all && args.tags.is_empty() && args.nodes.is_empty() {
@@ -85,13 +84,7 @@ fn select(loaded: &LoadedRecipe, args: &PowerArgs) -> Result<Vec<Node>> {
     let chosen: Vec<Node> = all
         .into_iter()
         .filter(|n| args.all || args.nodes.contains(&n.name) || n.tags.iter().any(|t| args.tags.contains(t)))
-        .map(|mut n| {
-            if let Some(b) = n.bmc.as_mut() {
-                b.password_file = b.password_file.as_deref().map(|p| loaded.resolve_path(p));
-                b.ca_file = b.ca_file.as_deref().map(|p| loaded.resolve_path(p));
-            }
-            n
-        })
+        .map(|n| with_paths_resolved(loaded, n))
         .collect();
     if chosen.is_empty() {
         bail!("no node of {} has the tag {}", loaded.path.display(), args.tags.join(" or "));
@@ -99,21 +92,21 @@ fn select(loaded: &LoadedRecipe, args: &PowerArgs) -> Result<Vec<Node>> {
     Ok(chosen)
 }
 
-/// The nodes of the recipe at `recipe` named `name`, with relative BMC paths resolved (for `kiln node console`).
+/// The node with its BMC's relative file paths made relative to the recipe's directory.
+fn with_paths_resolved(loaded: &LoadedRecipe, mut node: Node) -> Node {
+    if let Some(b) = node.bmc.as_mut() {
+        b.password_file = b.password_file.as_deref().map(|p| loaded.resolve_path(p));
+        b.ca_file = b.ca_file.as_deref().map(|p| loaded.resolve_path(p));
+    }
+    node
+}
+
+/// The node `name` of the recipe at `recipe`, ready for [`crate::power::console`] (`kiln node console`).
 pub fn node_for_console(recipe: &std::path::Path, name: &str) -> Result<Node> {
     let loaded = LoadedRecipe::load(recipe)?;
-    let args = PowerArgs {
-        action: ActionArg::Status,
-        nodes: vec![name.to_string()],
-        all: false,
-        tags: vec![],
-        pxe: false,
-        parallel: 1,
-        timeout: 10,
-        recipe: recipe.to_path_buf(),
-        json: false,
-    };
-    Ok(select(&loaded, &args)?.remove(0))
+    let node = loaded.nodes()?.into_iter().find(|n| n.name == name);
+    let node = node.with_context(|| format!("{} has no [node.{name}]", loaded.path.display()))?;
+    Ok(with_paths_resolved(&loaded, node))
 }
 
 /// `kiln power`.

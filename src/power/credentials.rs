@@ -75,9 +75,14 @@ fn read_password_file(path: &Path) -> Result<String> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading the BMC password file {}", path.display()))?;
     let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
-    if mode & 0o077 != 0 {
+    // Once per file, not once per node sharing it.
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if mode & 0o077 != 0 && !warned.iter().any(|p| p == path) {
         tracing::warn!("{} is readable by other users (mode {mode:o}): chmod 600 it", path.display());
+        warned.push(path.to_path_buf());
     }
+    drop(warned);
     let first = text.lines().next().unwrap_or("");
     if first.is_empty() {
         bail!("the BMC password file {} is empty (the password is its first line)", path.display());
