@@ -854,7 +854,7 @@ fn bad_requests_and_bmc_settings_are_named() {
     let (stdout, _) = err(&["power", "on", "n1", "n2", "--json"]);
     let r: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(node(&r, "n1")["error_kind"], "config");
-    assert!(node(&r, "n1")["error"].as_str().unwrap().starts_with("n1: power on: no BMC: give [node.n1] bmc"));
+    assert!(node(&r, "n1")["error"].as_str().unwrap().starts_with("n1: power on: no BMC: set [node.n1] bmc"));
     let e2 = node(&r, "n2")["error"].as_str().unwrap();
     assert!(e2.starts_with("n2: power on: reading the BMC password file /nonexistent/bmc.pass"), "{e2}");
     let out = kiln(w, &["power", "status", "n2", "--json"], &[("KILN_BMC_PASSWORD", "x")]);

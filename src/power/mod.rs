@@ -256,7 +256,7 @@ fn bmc_of(node: &Node) -> Result<&Bmc, Failure> {
         Failure::new(
             ErrorKind::Config,
             anyhow!(
-                "no BMC: give [node.{}] bmc = {{ address = \"...\" }} (and a profile or the node the rest)",
+                "no BMC: set [node.{}] bmc = {{ address = \"...\" }} (its other keys may come from the profile)",
                 node.name
             ),
         )

@@ -89,6 +89,10 @@ impl fmt::Display for BmcAddress {
 impl FromStr for BmcAddress {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
+        if let Some((_, host)) = s.rsplit_once('@') {
+            // Not echoed: what precedes '@' may be a password.
+            bail!("BMC address …@{host}: credentials do not belong in the address; use `user` and `password_file`");
+        }
         if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             bail!("BMC address {s:?} must be a host, host:port or URL without spaces");
         }
@@ -103,10 +107,6 @@ impl FromStr for BmcAddress {
             Some(_) => bail!("BMC address {s:?}: a path needs a URL (https://{s})"),
             None => (rest, ""),
         };
-        if let Some((_, host)) = authority.rsplit_once('@') {
-            // Not echoed: what precedes '@' may be a password.
-            bail!("BMC address …@{host}: credentials do not belong in the address; use `user` and `password_file`");
-        }
         if path.contains(['?', '#']) {
             bail!("BMC address {s:?}: a query or fragment means nothing here");
         }
@@ -117,6 +117,8 @@ impl FromStr for BmcAddress {
                 "" => (host, None),
                 _ => (host, Some(after.strip_prefix(':').unwrap_or(after))),
             }
+        } else if authority.matches(':').count() > 1 {
+            bail!("BMC address {s:?}: write an IPv6 address in brackets, as [{authority}]");
         } else {
             match authority.split_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -348,6 +350,10 @@ bmc = { address = "https://[fd00::5]/redfish/v1/Systems/1/", insecure = true }
         assert!(e.contains("credentials do not belong") && !e.contains("admin:pw@"), "{e}");
         let e = err(&node(r#"{ address = "10.0.0.1", cipher_suite = 18 }"#));
         assert!(e.contains("0 to 17"), "{e}");
+        let e = err(&node(r#"{ address = "admin:hunter2@10.0.0.1/x" }"#));
+        assert!(e.contains("credentials do not belong") && !e.contains("hunter2"), "{e}");
+        let e = err(&node(r#"{ address = "fd00::5" }"#));
+        assert!(e.contains("[fd00::5]"), "{e}");
         let e = err(&node(r#"{ address = "10.0.0.1:99999" }"#));
         assert!(e.contains("not a number from 1 to 65535"), "{e}");
         let e = err(&node(r#"{ address = "ftp://10.0.0.1" }"#));
