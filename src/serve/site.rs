@@ -348,6 +348,7 @@ mod tests {
             vlan: None,
             tags: vec![],
             ssh_authorized_keys: vec![],
+            bmc: None,
         };
         let bundle = Bundle {
             name: "compute".into(),
