@@ -10,12 +10,22 @@ use anyhow::{bail, Context, Result};
 /// its stderr, so a user sees what ran and why it failed.
 pub fn run_command(cmd: &mut Command) -> Result<std::process::Output> {
     pin_clock_and_locale(cmd);
-    let shown = format!("{cmd:?}");
+    let shown = shown(cmd);
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
         bail!("{shown} failed ({}):\n{}", out.status, tail(&out.stderr, 20));
     }
     Ok(out)
+}
+
+/// The command line of `cmd` for messages: program and arguments, quoted, never the environment it is given
+/// (where a caller may pass a secret).
+pub fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("{:?}", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Runs `cmd` in UTC with the C locale. Tools that write times or text into kiln's outputs (mtools stamps FAT
@@ -73,5 +83,9 @@ mod tests {
     fn failures_carry_the_command_and_its_stderr() {
         let err = run_command(Command::new("sh").args(["-c", "echo oops >&2; exit 3"])).unwrap_err().to_string();
         assert!(err.contains("\"sh\"") && err.contains("oops"), "{err}");
+        let mut secret = Command::new("false");
+        secret.env("KILN_BMC_PASSWORD", "hunter2");
+        let err = format!("{:#}", run_command(&mut secret).unwrap_err());
+        assert!(err.contains("\"false\"") && !err.contains("hunter2"), "{err}");
     }
 }
