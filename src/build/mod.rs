@@ -191,7 +191,7 @@ pub fn build_bundle(
 fn build_planned(
     store: &Store,
     spec: &BundleSpec,
-    resolved: ResolvedImage,
+    mut resolved: ResolvedImage,
     plan: &Plan,
     threads: usize,
 ) -> Result<Built> {
@@ -204,8 +204,12 @@ fn build_planned(
     crate::util::mkdir_p(&spool)?;
     let source = resolved.source.clone();
     let digest = resolved.digest.clone();
+    if resolved.is_remote() {
+        progress.step(format!("pulling {} layer(s) of {source}", resolved.layer_count()));
+        resolved.pull(&spool, &progress.bytes()).with_context(|| format!("pulling {source}"))?;
+    }
     progress.step(format!("reading {} layer(s) of {source}", resolved.layer_count()));
-    let tree = resolved.merged_tree(&spool, threads).with_context(|| format!("reading {source}"))?;
+    let tree = resolved.merged_tree(&spool, threads, &progress.bytes()).with_context(|| format!("reading {source}"))?;
     progress.step("finding the kernel");
     let found = bundle::kernel::find(&tree, &spec.kernel).with_context(|| format!("finding the kernel in {source}"))?;
     let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
@@ -224,6 +228,7 @@ fn build_planned(
         threads,
         &pending.dir().join("image"),
         "image",
+        &progress.bytes(),
     )?;
     let initramfs = bundle::write_initramfs(sde, spec.compression, spec.level, &pending.dir().join("initramfs"))?;
     let has_modules = ["lib/modules/", "usr/lib/modules/"]

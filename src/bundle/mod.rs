@@ -21,7 +21,7 @@ use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter, NewcTree};
 use crate::image::tree::{group_sizes, show, Kind, Tree};
 use crate::image::Source;
 use crate::recipe::{ImageRecipe, LoadedRecipe};
-use crate::util::{Digest, FileDigest, HashingWriter};
+use crate::util::{ByteProgress, Digest, FileDigest, HashingWriter};
 
 pub use kernel::{FoundKernel, KernelSpec};
 pub use manifest::{KernelEntry, Manifest, SourceEntry};
@@ -150,7 +150,8 @@ pub fn exclude_set(patterns: &[String]) -> Result<GlobSet> {
     Ok(b.build()?)
 }
 
-/// Writes the merged tree as a compressed newc archive; returns its digest and numbers.
+/// Writes the merged tree as a compressed newc archive; returns its digest and numbers. The file contents read
+/// are counted in `bytes`.
 #[allow(clippy::too_many_arguments)]
 pub fn write_image(
     tree: &Tree,
@@ -161,6 +162,7 @@ pub fn write_image(
     threads: usize,
     out: &Path,
     file_name: &str,
+    bytes: &ByteProgress,
 ) -> Result<ArchiveInfo> {
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let comp = Compressor::new(HashingWriter::new(f), compression, level, threads)?;
@@ -187,6 +189,14 @@ pub fn write_image(
         kept.push((path, node));
     }
     let groups = group_sizes(kept.iter().map(|(_, n)| *n));
+    let content: HashMap<u32, u64> = kept
+        .iter()
+        .filter_map(|(_, n)| match n.kind {
+            Kind::File { size, group, .. } => Some((group, size)),
+            _ => None,
+        })
+        .collect();
+    bytes.set_total(content.values().sum());
     let mut group_ino: HashMap<u32, (u32, u32)> = HashMap::new(); // group → (ino, emitted)
     let mut next_ino = 0u32;
     let clamp = |t: i64| t.clamp(0, sde.clamp(0, u32::MAX as i64)) as u32;
@@ -223,7 +233,7 @@ pub fn write_image(
                 // newc carries the data of a hardlinked file once, with its last link.
                 if slot.1 == total {
                     entry.size = *size;
-                    let mut data = tree.open_data(path, node)?;
+                    let mut data = bytes.reader(tree.open_data(path, node)?);
                     cpio.write_entry(&entry, Some(&mut data)).with_context(|| format!("archiving /{}", show(path)))?;
                 } else {
                     cpio.write_entry(&entry, None)?;

@@ -1,6 +1,7 @@
 //! The command line: every clap type, one file per subcommand ([`build`], [`store`], [`serve`], [`node`],
-//! [`build_ipxe`], [`appliance`], [`push`], [`pull`], [`export`], [`import`], [`power`]), each calling its part with plain options and printing the result (for people,
-//! or `--json`). Nothing here knows how the work is done.
+//! [`build_ipxe`], [`appliance`], [`push`], [`pull`], [`export`], [`import`], [`power`]), each calling its part
+//! with plain options and printing the result (for people, or `--json`); [`completions`] and [`man`] describe
+//! the command line itself. Nothing here knows how the work is done.
 
 // clap shows these doc comments as help text, where `[server]` names a table of kiln.toml, not a Rust item.
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags, rustdoc::bare_urls)]
@@ -8,8 +9,10 @@
 pub mod appliance;
 pub mod build;
 pub mod build_ipxe;
+pub mod completions;
 pub mod export;
 pub mod import;
+pub mod man;
 pub mod node;
 pub mod power;
 pub mod pull;
@@ -121,6 +124,22 @@ pub enum Command {
     ///
     ///   kiln power cycle --tag rack3 --pxe
     Power(Box<power::PowerArgs>),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    ///
+    /// The Debian package installs all three. To load them by hand:
+    ///
+    ///   source <(kiln completions bash)
+    ///
+    ///   kiln completions fish > ~/.config/fish/completions/kiln.fish
+    Completions(completions::CompletionsArgs),
+    /// Print a manual page (roff) on stdout, or write every page into a directory.
+    ///
+    /// The Debian package installs them (`man kiln-serve`). Examples:
+    ///
+    ///   kiln man serve | man -l -
+    ///
+    ///   kiln man --out-dir /usr/local/share/man/man1
+    Man(man::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -170,5 +189,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => export::run(*args),
         Command::Import(args) => import::run(*args),
         Command::Power(args) => power::run(*args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::util::Digest;
+use crate::util::{ByteProgress, Digest};
 
 pub use config::ImageConfig;
 pub use layout::BlobLoc;
@@ -294,16 +294,30 @@ fn resolve_for(source: &Source, opts: &FetchOptions, want_arch: &str) -> Result<
 }
 
 impl ResolvedImage {
-    /// Reads every layer (downloading registry blobs into `spool_dir` first) and merges them.
-    pub fn merged_tree(self, spool_dir: &Path, threads: usize) -> Result<tree::Tree> {
-        match self.content {
-            Content::Layers(layers) => tree::Tree::from_layers(&layers, spool_dir, threads),
-            Content::Registry(session, remote) => {
-                let layers = session.download(&remote, spool_dir)?;
-                tree::Tree::from_layers(&layers, spool_dir, threads)
-            }
-            Content::Dir(dir) => rootfs::tree_from_dir(&dir),
-        }
+    /// Whether reading the layers means downloading them first ([`ResolvedImage::pull`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.content, Content::Registry(..))
+    }
+
+    /// Downloads a registry image's layer blobs into `spool_dir`, counting the bytes in `bytes`; local sources
+    /// have nothing to download.
+    pub fn pull(&mut self, spool_dir: &Path, bytes: &ByteProgress) -> Result<()> {
+        self.content = match std::mem::replace(&mut self.content, Content::Layers(Vec::new())) {
+            Content::Registry(session, remote) => Content::Layers(session.download(&remote, spool_dir, bytes)?),
+            local => local,
+        };
+        Ok(())
+    }
+
+    /// Reads every layer (downloading registry blobs into `spool_dir` first, unless pulled already) and merges
+    /// them, counting the layer bytes read in `bytes`.
+    pub fn merged_tree(self, spool_dir: &Path, threads: usize, bytes: &ByteProgress) -> Result<tree::Tree> {
+        let layers = match self.content {
+            Content::Layers(layers) => layers,
+            Content::Registry(session, remote) => session.download(&remote, spool_dir, &ByteProgress::hidden())?,
+            Content::Dir(dir) => return rootfs::tree_from_dir(&dir),
+        };
+        tree::Tree::from_layers(&layers, spool_dir, threads, bytes)
     }
 
     pub fn layer_count(&self) -> usize {

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::{BlobLoc, ImageConfig, LayerBlob};
-use crate::util::Digest;
+use crate::util::{ByteProgress, Digest};
 
 /// How to reach registries.
 #[derive(Debug, Clone)]
@@ -146,8 +146,14 @@ impl Session {
         self.proxy.as_ref().expect("proxy lives as long as the session")
     }
 
-    /// Downloads each layer blob into `spool_dir`.
-    pub fn download(mut self, layers: &[RemoteLayer], spool_dir: &Path) -> Result<Vec<LayerBlob>> {
+    /// Downloads each layer blob into `spool_dir`, counting the bytes in `bytes`.
+    pub fn download(
+        mut self,
+        layers: &[RemoteLayer],
+        spool_dir: &Path,
+        bytes: &ByteProgress,
+    ) -> Result<Vec<LayerBlob>> {
+        bytes.set_total(layers.iter().map(|l| l.size).sum());
         let mut out = Vec::with_capacity(layers.len());
         for (i, layer) in layers.iter().enumerate() {
             let path = spool_dir.join(format!("blob-{}", layer.digest.hex()));
@@ -159,7 +165,15 @@ impl Session {
                     let mut file =
                         tokio::fs::File::create(&path).await.with_context(|| format!("creating {}", path.display()))?;
                     let copy = async {
-                        tokio::io::copy_buf(&mut reader, &mut file).await?;
+                        let mut buf = vec![0u8; 1 << 20];
+                        loop {
+                            let n = tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await?;
+                            if n == 0 {
+                                break;
+                            }
+                            file.write_all(&buf[..n]).await?;
+                            bytes.add(n as u64);
+                        }
                         file.flush().await?;
                         anyhow::Ok(())
                     };

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 
 use super::LayerBlob;
-use crate::util::HashingReader;
+use crate::util::{ByteProgress, HashingReader};
 
 /// What a path in the merged tree is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,8 +142,12 @@ impl Tree {
         Tree { nodes, files: Vec::new(), next_group: 0 }
     }
 
-    /// Reads every layer (in parallel, `threads` at a time) and applies them in order.
-    pub fn from_layers(layers: &[LayerBlob], spool_dir: &Path, threads: usize) -> Result<Tree> {
+    /// Reads every layer (in parallel, `threads` at a time) and applies them in order; the blob bytes read are
+    /// counted in `bytes`.
+    pub fn from_layers(layers: &[LayerBlob], spool_dir: &Path, threads: usize, bytes: &ByteProgress) -> Result<Tree> {
+        if let Some(total) = layers.iter().map(|l| l.size).sum::<Option<u64>>() {
+            bytes.set_total(total);
+        }
         let results: Vec<Mutex<Option<Result<ScannedLayer>>>> = layers.iter().map(|_| Mutex::new(None)).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -151,7 +155,7 @@ impl Tree {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(layer) = layers.get(i) else { break };
-                    let r = scan_layer(layer, spool_dir);
+                    let r = scan_layer(layer, spool_dir, bytes);
                     let failed = r.is_err();
                     *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                     if failed {
@@ -403,9 +407,9 @@ fn sniff(head: &[u8]) -> Compression {
 
 /// Reads one layer's tar stream: its entries, and where their contents can be read later.
 /// The blob is checked against its digest (or the uncompressed stream against its diff_id).
-fn scan_layer(blob: &LayerBlob, spool_dir: &Path) -> Result<ScannedLayer> {
+fn scan_layer(blob: &LayerBlob, spool_dir: &Path, bytes: &ByteProgress) -> Result<ScannedLayer> {
     let what = &blob.label;
-    let mut hashed = HashingReader::new(blob.loc.open()?);
+    let mut hashed = HashingReader::new(bytes.reader(blob.loc.open()?));
     let mut entries = Vec::new();
     let data;
     let diff;

@@ -224,6 +224,8 @@ async fn serve(
         tasks.spawn(super::control::serve(listener, state.clone(), stop_rx.clone()));
     }
     let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), queue, stop_rx.clone())?;
+    // systemd (Type=notify): READY=1 now that every server is started, STOPPING=1 once shutdown begins.
+    tasks.spawn(crate::util::notify::ready_until_stopped(stop_rx.clone()));
 
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
