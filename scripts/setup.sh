@@ -62,6 +62,12 @@ PACKAGES=(
 	openipmi
 	python3-venv
 	openssl
+	# packaging tests: dpkg-shlibdeps, man, completions, the unit under systemd-nspawn
+	dpkg-dev
+	man-db
+	zsh
+	fish
+	systemd-container
 )
 
 # sushy-tools (PyPI) is the Redfish BMC emulator the power tests drive (its fake driver needs no libvirt). It

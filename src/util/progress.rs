@@ -187,8 +187,9 @@ impl Drop for Progress {
 }
 
 const SPINNER: &str = "{spinner} {wide_msg} {elapsed}";
-const BYTES: &str = "{spinner} {wide_msg} {bytes} {binary_bytes_per_sec} {elapsed}";
-const BAR: &str = "{spinner} {wide_msg} [{bar:24}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}";
+// Bytes and bar on a line of their own: step messages carry source paths that would leave no room.
+const BYTES: &str = "{spinner} {wide_msg}\n  {bytes} {binary_bytes_per_sec} {elapsed}";
+const BAR: &str = "{spinner} {wide_msg}\n  [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}";
 
 fn style(template: &str) -> ProgressStyle {
     // The templates are constants checked by the unit tests below.
