@@ -111,7 +111,7 @@ fn bash_loads_the_completions_and_completes() {
     );
     let out = run(Command::new("bash").arg("-c").arg(script));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("complete -F _kiln") && text.contains(" kiln\n"), "{text}");
+    assert!(text.contains(" -F _kiln kiln\n"), "{text}");
     assert!(text.contains("words: serve"), "`kiln se<TAB>` should offer serve:\n{text}");
     assert!(text.contains("options: --dhcp --dhcp-port") || text.contains("options: --dhcp-port --dhcp"), "{text}");
 }
@@ -164,7 +164,11 @@ fn progress_is_a_line_per_step_in_a_pipe_and_nothing_when_quiet() {
     let quiet = kiln(work.path(), &work.path().join("store2"), &["--quiet", "build", "--from", &src, "--name", "tiny"]);
     assert!(quiet.status.success());
     assert_eq!(String::from_utf8_lossy(&quiet.stderr), "", "--quiet printed on stderr");
-    assert_eq!(quiet.stdout, path.as_bytes(), "--quiet still prints the result");
+    let quiet_path = String::from_utf8(quiet.stdout).unwrap();
+    assert!(
+        quiet_path.lines().count() == 1 && quiet_path.ends_with("-tiny\n"),
+        "--quiet prints the result: {quiet_path}"
+    );
 }
 
 /// Runs `kiln ARGS` on a pseudo-terminal (util-linux `script`); returns everything it drew.
@@ -667,8 +671,16 @@ impl Booted {
             assert!(Instant::now() < deadline, "no container init within 120 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let state = booted.sh_status("timeout 120 systemctl is-system-running --wait");
-        let state = state.1.trim().to_string();
+        // Until systemd answers on its socket, systemctl fails to connect; then it reports the boot's state.
+        let state = loop {
+            let (_, said) = booted.sh_status("systemctl is-system-running");
+            let said = said.trim().to_string();
+            if !matches!(said.as_str(), "initializing" | "starting") && !said.contains("connect to bus") {
+                break said;
+            }
+            assert!(Instant::now() < deadline, "the container did not finish booting within 120 s: {said}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
         if state != "running" {
             let failed = booted.sh_status("systemctl --failed --no-pager; journalctl -b --no-pager | tail -50").1;
             panic!("the container's boot ended {state:?}:\n{failed}");
