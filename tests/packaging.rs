@@ -671,11 +671,11 @@ impl Booted {
             assert!(Instant::now() < deadline, "no container init within 120 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Until systemd answers on its socket, systemctl fails to connect; then it reports the boot's state.
+        // Until systemd answers on its socket, systemctl says "offline"; then it reports the boot's state.
         let state = loop {
             let (_, said) = booted.sh_status("systemctl is-system-running");
             let said = said.trim().to_string();
-            if !matches!(said.as_str(), "initializing" | "starting") && !said.contains("connect to bus") {
+            if !matches!(said.as_str(), "offline" | "initializing" | "starting") && !said.contains("connect to bus") {
                 break said;
             }
             assert!(Instant::now() < deadline, "the container did not finish booting within 120 s: {said}");
