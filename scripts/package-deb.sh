@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# package-deb.sh — builds kiln's Debian package with dpkg-deb: the binary, kiln-serve.service, the user it
-# runs as (sysusers.d) and the store's skeleton (tmpfiles.d), a man page per command, bash/zsh/fish completions.
+# package-deb.sh — builds kiln's Debian package with dpkg-deb: kiln, kiln-node (the static binary kiln puts on
+# nodes, in /usr/lib/kiln), kiln-serve.service, the user it runs as (sysusers.d) and the store's skeleton
+# (tmpfiles.d), a man page per command, bash/zsh/fish completions.
 #
-#   scripts/package-deb.sh                      # cargo build --release --locked, then package it
-#   scripts/package-deb.sh --binary PATH        # package an already-built kiln (the tests do)
+#   scripts/package-deb.sh                      # release builds of both (cargo, scripts/build-node.sh)
+#   scripts/package-deb.sh --binary PATH --node PATH   # package binaries built already (the tests do)
 #   scripts/package-deb.sh --out DIR            # where the .deb goes (default: target/debian)
 #
 # Prints the .deb's path as its last line. Man pages and completions come from the binary itself
@@ -21,6 +22,7 @@ die() {
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 BINARY=""
+NODE="${KILN_NODE:-}"
 OUT="$REPO/target/debian"
 REVISION=1
 
@@ -28,6 +30,10 @@ while (($#)); do
 	case "$1" in
 	--binary)
 		BINARY=${2:?--binary needs a path}
+		shift 2
+		;;
+	--node)
+		NODE=${2:?--node needs a path}
 		shift 2
 		;;
 	--out)
@@ -39,7 +45,7 @@ while (($#)); do
 		shift 2
 		;;
 	-h | --help)
-		sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+		sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) die "unknown argument $1 (see --help)" ;;
@@ -56,6 +62,15 @@ if [[ -z "$BINARY" ]]; then
 	BINARY="$REPO/target/release/kiln"
 fi
 [[ -x "$BINARY" ]] || die "$BINARY is not an executable file"
+if [[ -z "$NODE" ]]; then
+	log "scripts/build-node.sh (release)"
+	NODE=$("$REPO/scripts/build-node.sh" | tail -n 1)
+fi
+[[ -x "$NODE" ]] || die "$NODE (kiln-node) is not an executable file"
+# It runs on nodes whatever their C library: it must not need one.
+if ldd "$NODE" 2>&1 | grep -q '=>'; then
+	die "$NODE is not a static executable: build it with scripts/build-node.sh"
+fi
 
 # The [package] version of Cargo.toml (the first `version =` line, which is the package's).
 VERSION=$(sed -n 's/^version = "\([^"]*\)"$/\1/p' "$REPO/Cargo.toml" | head -n 1)
@@ -78,8 +93,9 @@ mkdir -p "$ROOT/DEBIAN"
 
 # Debian ships binaries without debug sections; symbol names stay for backtraces.
 install -D -m 0755 "$BINARY" "$ROOT/usr/bin/kiln"
+install -D -m 0755 "$NODE" "$ROOT/usr/lib/kiln/kiln-node"
 if command -v strip >/dev/null; then
-	strip --strip-debug "$ROOT/usr/bin/kiln"
+	strip --strip-debug "$ROOT/usr/bin/kiln" "$ROOT/usr/lib/kiln/kiln-node"
 fi
 KILN="$ROOT/usr/bin/kiln"
 
@@ -122,7 +138,8 @@ done
 
 # One time stamp and fixed modes, so the archive depends only on the contents.
 find "$ROOT" -path "$ROOT/DEBIAN" -prune -o -type d -exec chmod 0755 {} +
-find "$ROOT" -path "$ROOT/DEBIAN" -prune -o -type f ! -path "$ROOT/usr/bin/kiln" -exec chmod 0644 {} +
+find "$ROOT" -path "$ROOT/DEBIAN" -prune -o -type f ! -path "$ROOT/usr/bin/kiln" ! -path "$ROOT/usr/lib/kiln/kiln-node" \
+	-exec chmod 0644 {} +
 (cd "$ROOT" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |
 	xargs -0 md5sum >DEBIAN/md5sums)
 chmod 0644 "$ROOT/DEBIAN/md5sums"

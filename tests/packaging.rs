@@ -226,12 +226,27 @@ fn deb() -> &'static Path {
     .path
 }
 
+/// kiln-node as scripts/test.sh built it (`$KILN_NODE`), else built here the same way.
+fn node_bin() -> PathBuf {
+    static NODE: OnceLock<PathBuf> = OnceLock::new();
+    NODE.get_or_init(|| match std::env::var_os("KILN_NODE").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let out = run(Command::new("bash").arg(repo().join("scripts/build-node.sh")).env("PROFILE", "dev"));
+            PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("build-node.sh printed a path"))
+        }
+    })
+    .clone()
+}
+
 fn package(out: &Path) -> PathBuf {
     let start = Instant::now();
     let built = run(Command::new("bash")
         .arg(repo().join("scripts/package-deb.sh"))
         .arg("--binary")
         .arg(kiln_bin())
+        .arg("--node")
+        .arg(node_bin())
         .arg("--out")
         .arg(out)
         .env("SOURCE_DATE_EPOCH", "1700000000"));
@@ -252,6 +267,7 @@ fn deb_lists_what_it_installs_and_is_reproducible() {
     let listing = String::from_utf8(run(Command::new("dpkg-deb").arg("-c").arg(deb)).stdout).unwrap();
     let mut wanted = vec![
         "./usr/bin/kiln".to_string(),
+        "./usr/lib/kiln/kiln-node".to_string(),
         "./lib/systemd/system/kiln-serve.service".to_string(),
         "./usr/lib/sysusers.d/kiln.conf".to_string(),
         "./usr/lib/tmpfiles.d/kiln.conf".to_string(),
@@ -350,6 +366,8 @@ fn systemd_tarball() -> PathBuf {
 fn check_installed(chroot: &Chroot) {
     let root = chroot.root();
     assert_eq!(chroot.sh("kiln --version").trim(), format!("kiln {}", env!("CARGO_PKG_VERSION")));
+    // kiln-node is where kiln looks for it (util::NODE_BINARY_INSTALLED) and runs without a C library of its own.
+    assert!(root.join(kiln::util::sys::NODE_BINARY_INSTALLED.trim_start_matches('/')).is_file());
     let user = chroot.sh("getent passwd kiln");
     assert!(user.contains(":/var/lib/kiln/state:/usr/sbin/nologin"), "{user}");
     // The store's skeleton: root writes it, group kiln may take the lock kiln serve holds.
