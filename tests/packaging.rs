@@ -171,6 +171,66 @@ fn progress_is_a_line_per_step_in_a_pipe_and_nothing_when_quiet() {
     );
 }
 
+#[test]
+fn progress_counts_the_bytes_of_a_registry_pull() {
+    if !have("docker-registry") || !have("skopeo") {
+        eprintln!("skipped: docker-registry and skopeo are needed (scripts/setup.sh installs them)");
+        return;
+    }
+    // A real registry on loopback (Debian's docker-registry), fed by skopeo; stopped on drop.
+    struct Registry(Child);
+    impl Drop for Registry {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = work.path().join("registry.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: \
+             127.0.0.1:{port}\n",
+            work.path().join("registry").display()
+        ),
+    )
+    .unwrap();
+    let _registry = Registry(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the registry did not listen on port {port} within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reference = format!("docker://127.0.0.1:{port}/kiln/tiny:latest");
+    sh(&format!(
+        "skopeo copy --quiet --dest-tls-verify=false 'oci:{}:latest' '{reference}'",
+        tiny().join("oci").display()
+    ));
+    let out = kiln(
+        work.path(),
+        &work.path().join("store"),
+        &["build", "--from", &reference, "--name", "tiny", "--tls-verify=false"],
+    );
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let pulling =
+        err.lines().find(|l| l.starts_with("build tiny: pulling 2 layer(s) of docker://")).unwrap_or_else(|| {
+            panic!("no step line for the pull:\n{err}");
+        });
+    assert!(pulling.contains(" MiB, ") && pulling.ends_with("/s"), "{pulling}");
+    assert!(err.lines().any(|l| l.starts_with("build tiny: reading 2 layer(s) of docker://")), "{err}");
+}
+
 /// Runs `kiln ARGS` on a pseudo-terminal (util-linux `script`); returns everything it drew.
 fn on_terminal(work: &Path, store: &Path, args: &[&str]) -> String {
     let command = std::iter::once(kiln_bin()).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
