@@ -248,9 +248,10 @@ fn on_terminal(work: &Path, store: &Path, args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("running script (util-linux)");
-    let status = child.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
     let text = fs::read_to_string(&typescript).unwrap_or_default();
-    assert!(status.success(), "kiln {args:?} on a terminal failed ({status}):\n{text}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kiln {args:?} on a terminal failed ({}):\n{text}\nscript said: {said}", out.status);
     text
 }
 
