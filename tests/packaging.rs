@@ -242,13 +242,17 @@ fn on_terminal(work: &Path, store: &Path, args: &[&str]) -> String {
         .env("KILN_STORE", store)
         .env("COLUMNS", "100")
         .env("TERM", "xterm")
-        // An open stdin that sends nothing: script stops when its stdin ends.
+        // An open stdin that sends nothing (CI has none; script ends when its input does).
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("running script (util-linux)");
+    // Held open until kiln is done: waiting on a child closes its stdin, and script, seeing its input end, may
+    // end the session under kiln.
+    let stdin = child.stdin.take();
     let out = child.wait_with_output().unwrap();
+    drop(stdin);
     let text = fs::read_to_string(&typescript).unwrap_or_default();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "kiln {args:?} on a terminal failed ({}):\n{text}\nscript said: {said}", out.status);
