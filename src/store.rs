@@ -156,12 +156,21 @@ impl Store {
                 set_mode(&dir, 0o755)?;
             }
         }
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("lock"))
-            .with_context(|| format!("opening {}", root.join("lock").display()))?;
+        let lock_path = root.join("lock");
+        // A reader (kiln serve under a service user, the store read-only) needs no write access to take the
+        // shared lock.
+        let lock = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+            Ok(f) => f,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                File::open(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", lock_path.display())),
+        };
         lock.lock_shared().with_context(|| format!("locking {}", root.display()))?;
         Ok(Store { root: root.to_path_buf(), _lock: lock })
     }

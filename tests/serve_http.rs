@@ -316,7 +316,8 @@ fn reload_on_sighup_and_stop_on_sigterm() {
         if let Some(st) = srv.child.try_wait().unwrap() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "kiln serve did not stop on SIGTERM");
+        // Stopping waits for nothing but running transfers (none here): well under the 6 s grace period.
+        assert!(start.elapsed() < Duration::from_secs(3), "kiln serve did not stop on SIGTERM within 3 s");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success());

@@ -44,22 +44,33 @@ pub fn start(
     if current.dhcp_mode() == DhcpMode::Off {
         return Ok(None);
     }
+    let port = current.server.dhcp_port.unwrap_or(67);
+    let proxy_port = (current.dhcp_mode() == DhcpMode::Proxy).then_some(4011);
+    // Bound here, before the caller says it is ready: a port in use is an error at start, not later.
+    let sockets = dhcp::Sockets::bind(current.server.interface.as_deref(), port, proxy_port)?;
     let (ctx_tx, ctx_rx) = watch::channel(Arc::new(context(&current)));
     let mut follow = site.clone();
+    let mut follow_stop = stop.clone();
     tasks.spawn(async move {
-        while follow.changed().await.is_ok() {
-            let next = context(&follow.borrow());
-            if ctx_tx.send(Arc::new(next)).is_err() {
-                break;
+        loop {
+            tokio::select! {
+                changed = follow.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let next = context(&follow.borrow());
+                    if ctx_tx.send(Arc::new(next)).is_err() {
+                        break;
+                    }
+                }
+                _ = follow_stop.wait_for(|s| *s) => break,
             }
         }
         Ok(())
     });
-    let port = current.server.dhcp_port.unwrap_or(67);
-    let proxy_port = (current.dhcp_mode() == DhcpMode::Proxy).then_some(4011);
     let (tx, rx) = mpsc::channel(queue.max(1));
     let mut stop = stop;
-    tasks.spawn(dhcp::serve(ctx_rx, state, current.server.interface.clone(), port, proxy_port, Some(tx), async move {
+    tasks.spawn(dhcp::serve_on(sockets, ctx_rx, state, Some(tx), async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
     Ok(Some(rx))

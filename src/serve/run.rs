@@ -288,6 +288,8 @@ async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    // Tasks that follow reloads end when nothing more can come.
+    drop((site_tx, tftp_tx));
     let _ = tokio::time::timeout(Duration::from_secs(6), async { while tasks.join_next().await.is_some() {} }).await;
     if socket.exists() {
         let _ = std::fs::remove_file(&socket);

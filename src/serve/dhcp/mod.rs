@@ -39,7 +39,7 @@ pub use decide::{
 };
 pub use leases::{LeaseBook, MemoryLeases};
 pub use packet::ClientInfo;
-pub use server::serve;
+pub use server::{serve, serve_on, Sockets};
 
 /// DHCP server port.
 pub const DHCP_SERVER_PORT: u16 = 67;

@@ -47,8 +47,37 @@ pub async fn serve(
     events: Option<mpsc::Sender<DhcpEvent>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let main = bind(interface.as_deref(), port)?;
-    let proxy = proxy_port.map(|p| bind(interface.as_deref(), p)).transpose()?;
+    let sockets = Sockets::bind(interface.as_deref(), port, proxy_port)?;
+    serve_on(sockets, ctx, state, events, shutdown).await
+}
+
+/// The DHCP sockets, bound: port 67 (or another) and, in proxy mode, the PXE port.
+pub struct Sockets {
+    main: UdpSocket,
+    proxy: Option<UdpSocket>,
+    interface: Option<String>,
+    port: u16,
+    proxy_port: Option<u16>,
+}
+
+impl Sockets {
+    /// Binds the sockets [`serve`] would, so a caller learns at once that a port is taken.
+    pub fn bind(interface: Option<&str>, port: u16, proxy_port: Option<u16>) -> Result<Sockets> {
+        let main = bind(interface, port)?;
+        let proxy = proxy_port.map(|p| bind(interface, p)).transpose()?;
+        Ok(Sockets { main, proxy, interface: interface.map(str::to_string), port, proxy_port })
+    }
+}
+
+/// [`serve`] on sockets bound beforehand.
+pub async fn serve_on(
+    sockets: Sockets,
+    ctx: watch::Receiver<Arc<DhcpContext>>,
+    state: Arc<State>,
+    events: Option<mpsc::Sender<DhcpEvent>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let Sockets { main, proxy, interface, port, proxy_port } = sockets;
     info!(
         port,
         proxy_port,
@@ -141,6 +170,15 @@ impl Worker {
         batch
     }
 
+    fn send(&self, reply: &Reply, on_proxy: bool) {
+        if let Some(out) = &reply.packet {
+            let socket = if on_proxy { self.proxy.as_ref().unwrap_or(&self.main) } else { &self.main };
+            if let Err(e) = socket.send_to(&out.bytes, SocketAddr::V4(out.to)) {
+                warn!(to = %out.to, "sending a DHCP reply: {e}");
+            }
+        }
+    }
+
     fn handle(&self, batch: Vec<Received>) {
         let context = self.ctx.borrow().clone();
         let now = unix_now();
@@ -156,18 +194,27 @@ impl Worker {
                 replies.push((reply, r.on_proxy));
             }
         }
-        if let Err(e) = self.state.commit_leases(&book.staged) {
-            // Nothing acknowledged may leave before its lease is on disk: the clients ask again.
-            warn!("not acknowledging {} lease(s): {e:#}", book.staged.len());
-            replies.retain(|(r, _)| r.event.as_ref().is_none_or(|e| e.kind != DhcpEventKind::Ack));
+        // Offers, NAKs and proxy answers need nothing on disk: they leave at once. Acknowledgements wait for
+        // their leases to be written (one sync for the batch), and are dropped if that fails: the clients ask
+        // again.
+        let is_ack = |r: &Reply| r.event.as_ref().is_some_and(|e| e.kind == DhcpEventKind::Ack);
+        for (reply, on_proxy) in replies.iter().filter(|(r, _)| !is_ack(r)) {
+            self.send(reply, *on_proxy);
         }
+        let committed = match self.state.commit_leases(&book.staged) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("not acknowledging {} lease(s): {e:#}", book.staged.len());
+                false
+            }
+        };
         let mut records = Vec::new();
         for (reply, on_proxy) in replies {
-            if let Some(out) = &reply.packet {
-                let socket = if on_proxy { self.proxy.as_ref().unwrap_or(&self.main) } else { &self.main };
-                if let Err(e) = socket.send_to(&out.bytes, SocketAddr::V4(out.to)) {
-                    warn!(to = %out.to, "sending a DHCP reply: {e}");
+            if is_ack(&reply) {
+                if !committed {
+                    continue;
                 }
+                self.send(&reply, on_proxy);
             }
             if let Some((mac, ip)) = reply.observed {
                 self.state.observe(mac, ip, now + u64::from(context.lease_secs));
@@ -205,7 +252,8 @@ fn bind(interface: Option<&str>, port: u16) -> Result<UdpSocket> {
     if let Some(interface) = interface {
         socket.bind_device(Some(interface.as_bytes())).with_context(|| {
             format!(
-                "binding the DHCP socket to interface {interface:?} (does it exist? this needs root or CAP_NET_RAW)"
+                "binding the DHCP socket to interface {interface:?} (does it exist? kernels before 5.7 also need \
+                 CAP_NET_RAW for this)"
             )
         })?;
     }
