@@ -1,6 +1,8 @@
 //! `kiln-node`: what kiln runs on the nodes it boots, as one static binary with one command per job. kiln serve
 //! and kiln build find it with `kiln::util::node_binary`; `scripts/build-node.sh` builds it.
 
+mod agent;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
             println!("kiln-node {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        "agent" => agent::main(rest),
         _ => {
             let _ = rest;
             eprintln!("kiln-node: unknown job {job:?}; usage: kiln-node --version");

@@ -219,6 +219,12 @@ pub struct ServerRecipe {
     pub pull_tls_verify: Option<bool>,
     /// Registry credentials for `pull` (containers auth.json format); default: where podman and skopeo look.
     pub pull_authfile: Option<PathBuf>,
+    /// Seconds between the node agents' heartbeats (default 30); a node silent for 3 of them is `lost`.
+    pub heartbeat: Option<u64>,
+    /// Heartbeats accepted from one node per interval (default 4); the rest are refused and counted.
+    pub heartbeat_max_per_interval: Option<u32>,
+    /// Bytes a heartbeat's body may have (default 4096).
+    pub heartbeat_max_body: Option<usize>,
 }
 
 /// `[profile.NAME]`: settings shared by nodes.

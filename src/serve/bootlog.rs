@@ -1,5 +1,6 @@
 //! The boot log: what the protocol servers report about machines, attributed to a MAC, written to the state in
-//! batches by a thread of its own, and printed as one line each.
+//! batches by a thread of its own, printed as one line each, and handed to the nodes' status
+//! ([`super::status::Tracker`]).
 //!
 //! Everything here is bounded: the queue to the writer (a full one drops the record and counts it under
 //! `event_queue`), the addresses remembered for attribution, the machines counted as booted (nodes only), and the
@@ -15,6 +16,7 @@ use super::http::HttpEvent;
 use super::limits::Limits;
 use super::site::Site;
 use super::state::{Record, State};
+use super::status::Tracker;
 use super::tftp::TftpEvent;
 use crate::net::Mac;
 use crate::recipe::UnknownPolicy;
@@ -65,6 +67,7 @@ fn write_loop(state: &State, rx: Receiver<Record>) {
             }
         }
         if let Err(e) = state.record(&batch) {
+            super::metrics::error(super::metrics::ErrorKind::StateWrite);
             tracing::warn!("{e:#}");
         }
     }
@@ -77,6 +80,7 @@ pub struct BootLog {
     peers: Peers,
     booted: BTreeSet<Mac>,
     lines: LineBudget,
+    status: Option<Arc<Tracker>>,
 }
 
 impl BootLog {
@@ -87,6 +91,19 @@ impl BootLog {
             peers: Peers::default(),
             booted: BTreeSet::new(),
             lines: LineBudget::new(LOG_LINES_PER_SECOND),
+            status: None,
+        }
+    }
+
+    /// Hands every node's boot events to `tracker` too.
+    pub fn track(&mut self, tracker: Arc<Tracker>) {
+        self.status = Some(tracker);
+    }
+
+    /// Notes a node's event in its status.
+    fn note(&self, mac: Mac, kind: &str, detail: &str) {
+        if let Some(status) = &self.status {
+            status.event(mac, kind, detail, unix_now());
         }
     }
 
@@ -135,6 +152,9 @@ impl BootLog {
             return;
         }
         self.record(mac, ev.kind, &ev.detail);
+        if node.is_some() {
+            self.note(mac, ev.kind, &ev.detail);
+        }
         if ev.kind == "script" {
             match &node {
                 Some(_) => {
@@ -177,6 +197,9 @@ impl BootLog {
                     return;
                 }
                 self.record(mac, "tftp", &detail);
+                if node.is_some() {
+                    self.note(mac, "tftp", &detail);
+                }
                 self.print(|| format!("{} {} {} tftp {detail}", stamp(), mac, node.as_deref().unwrap_or("unknown")));
             }
             None => self.print(|| format!("{} tftp {client} {detail}", stamp())),
@@ -186,6 +209,9 @@ impl BootLog {
     /// A DHCP exchange (the DHCP thread has recorded it already).
     pub fn dhcp(&mut self, ev: super::dhcp::DhcpEvent, site: &Site) {
         let name = site.node(ev.mac).map(|n| n.name.clone());
+        if name.is_some() {
+            self.note(ev.mac, ev.kind.as_str(), &ev.detail());
+        }
         self.print(|| {
             format!(
                 "{} {} {} {} {}",

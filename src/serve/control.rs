@@ -1,6 +1,6 @@
 //! The control socket: while `kiln serve` runs it holds the state database's lock, so other kiln commands
-//! (`kiln node ls --unknown`, `kiln node events`) ask the server over `<state dir>/kiln.sock` (one JSON line each
-//! way); when no server runs they open the database themselves.
+//! (`kiln node ls --unknown`, `kiln node events`, `kiln node status`) ask the server over `<state dir>/kiln.sock`
+//! (one JSON line each way); when no server runs they open the database themselves.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::state::State;
+use super::status::Live;
 use crate::net::Mac;
 
 /// The control socket `kiln serve` listens on in its state directory: while it runs, the database is locked and
@@ -29,6 +30,12 @@ pub enum Query {
     Discovered,
     /// The last `limit` boot events, of one MAC (`52:54:00:…`) or of all.
     Events { mac: Option<Mac>, limit: usize },
+    /// Every node's status ([`super::status::NodeStatus`]); with `unknown`, other machines' too. Only a running
+    /// server answers it from the socket; without one, [`super::status::query`] reads the database and the recipe.
+    Status {
+        #[serde(default)]
+        unknown: bool,
+    },
 }
 
 impl State {
@@ -39,6 +46,7 @@ impl State {
             Query::Leases => serde_json::to_value(self.leases()?)?,
             Query::Discovered => serde_json::to_value(self.discovered()?)?,
             Query::Events { mac, limit } => serde_json::to_value(self.events(*mac, *limit)?)?,
+            Query::Status { .. } => bail!("the nodes' status needs the recipe: ask with serve::status::query"),
         })
     }
 }
@@ -46,13 +54,20 @@ impl State {
 /// Answers `query` about the state in `dir`: from the running server if one holds it, else from the database
 /// (created if missing).
 pub fn ask(dir: &Path, query: &Query) -> Result<serde_json::Value> {
+    match ask_running(dir, query)? {
+        Some(answer) => Ok(answer),
+        None => State::open(dir)?.answer(query),
+    }
+}
+
+/// Asks the server that holds the state in `dir`; `None` when none runs there.
+pub fn ask_running(dir: &Path, query: &Query) -> Result<Option<serde_json::Value>> {
     let socket = dir.join(SOCKET);
     match std::os::unix::net::UnixStream::connect(&socket) {
-        Ok(stream) => return ask_server(stream, &socket, query),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+        Ok(stream) => ask_server(stream, &socket, query).map(Some),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),
     }
-    State::open(dir)?.answer(query)
 }
 
 fn ask_server(mut stream: std::os::unix::net::UnixStream, socket: &Path, query: &Query) -> Result<serde_json::Value> {
@@ -86,11 +101,11 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// The reply to one request line.
-    pub fn to_line(state: &State, line: &[u8]) -> Vec<u8> {
+    /// The reply to one request line; `live` answers [`Query::Status`].
+    pub fn to_line(state: &State, live: Option<&Live>, line: &[u8]) -> Vec<u8> {
         let reply = match serde_json::from_slice::<Query>(line) {
             Err(e) => Reply { ok: false, data: None, error: Some(format!("not a query: {e}")) },
-            Ok(q) => match state.answer(&q) {
+            Ok(q) => match answer(state, live, &q) {
                 Ok(data) => Reply { ok: true, data: Some(data), error: None },
                 Err(e) => Reply { ok: false, data: None, error: Some(format!("{e:#}")) },
             },
@@ -98,6 +113,16 @@ impl Reply {
         let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
         out.push(b'\n');
         out
+    }
+}
+
+fn answer(state: &State, live: Option<&Live>, query: &Query) -> Result<serde_json::Value> {
+    match (query, live) {
+        (Query::Status { unknown }, Some(live)) => {
+            let site = live.site.borrow().clone();
+            Ok(serde_json::to_value(live.tracker.status(&site, Some(state), *unknown)?)?)
+        }
+        _ => state.answer(query),
     }
 }
 
@@ -123,10 +148,11 @@ pub fn bind(socket: &std::path::Path) -> Option<tokio::net::UnixListener> {
     }
 }
 
-/// Answers [`Query`] lines on the control socket until `stop`.
+/// Answers [`Query`] lines on the control socket until `stop`; `live` answers [`Query::Status`].
 pub async fn serve(
     listener: tokio::net::UnixListener,
     state: Arc<State>,
+    live: Option<Live>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -147,7 +173,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let state = state.clone();
+        let (state, live) = (state.clone(), live.clone());
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = Vec::new();
@@ -157,7 +183,7 @@ pub async fn serve(
             if !matches!(got, Ok(Ok(n)) if n > 0) {
                 return;
             }
-            let answer = tokio::task::spawn_blocking(move || Reply::to_line(&state, &line)).await;
+            let answer = tokio::task::spawn_blocking(move || Reply::to_line(&state, live.as_ref(), &line)).await;
             if let Ok(answer) = answer {
                 let _ = write.write_all(&answer).await;
             }

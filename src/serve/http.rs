@@ -8,10 +8,14 @@
 //! - `GET /overlay/{mac}`: the node's overlay;
 //! - `GET /healthz`;
 //! - `GET /{boot file}` (`/snponly.efi`, `/arm64/snponly.efi`, `/undionly.kpxe`): the firmware files,
-//!   for UEFI HTTP boot clients.
+//!   for UEFI HTTP boot clients;
+//! - `POST /heartbeat/{mac}`: a node's status agent reporting ([`super::heartbeat`]), the one route
+//!   with a request body (`Content-Length`, at most `heartbeat_max_body` bytes);
+//! - `GET /metrics`: Prometheus metrics ([`super::metrics`]); `GET /`: the status page
+//!   ([`super::page`]).
 //!
-//! `HEAD` works on every route; keep-alive is supported. Left out: multi-range requests (the
-//! whole file is sent instead, as RFC 9110 allows), request bodies, chunked encoding, TLS, HTTP/2.
+//! `HEAD` works on every `GET` route; keep-alive is supported. Left out: multi-range requests (the
+//! whole file is sent instead, as RFC 9110 allows), chunked request bodies, TLS, HTTP/2.
 //! Nothing is read from disk by request path: blobs are looked up by digest in the site's table.
 
 use std::net::IpAddr;
@@ -27,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use super::limits::{Limit, Limits};
 use super::site::Site;
 use super::state::State;
+use super::status::Tracker;
 use crate::net::Mac;
 use crate::recipe::UnknownPolicy;
 
@@ -71,8 +76,8 @@ impl Default for HttpLimits {
     }
 }
 
-/// What every connection shares: the newest site, the state (to know who holds a lease), the boot log's queue and
-/// the limits' counters.
+/// What every connection shares: the newest site, the state (to know who holds a lease), the boot log's queue,
+/// the limits' counters, the nodes' status and the agent that goes out with every overlay.
 #[derive(Clone)]
 pub struct Shared {
     pub site: watch::Receiver<Arc<Site>>,
@@ -80,10 +85,14 @@ pub struct Shared {
     /// Boot events for the log; a bounded queue (a full one drops the event, counted as `event_queue`).
     pub events: Option<mpsc::Sender<HttpEvent>>,
     pub limits: Limits,
+    /// What the server heard of its nodes; `None`: heartbeats are refused and the page shows no status.
+    pub status: Option<Arc<Tracker>>,
+    /// The agent's initrd segment, appended to every overlay ([`super::heartbeat::agent_archive`]).
+    pub agent: Option<Arc<Vec<u8>>>,
 }
 
 impl Shared {
-    fn event(&self, event: HttpEvent) {
+    pub(super) fn event(&self, event: HttpEvent) {
         if let Some(tx) = &self.events {
             if tx.try_send(event).is_err() {
                 self.limits.limit("event_queue", tx.max_capacity() as u64, "boot events not logged").refuse();
@@ -96,10 +105,15 @@ impl Shared {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
     pub head_only: bool,
+    /// A `POST` (only `/heartbeat/{mac}` takes one).
+    pub post: bool,
     pub path: String,
     pub range: Option<String>,
     pub if_none_match: Option<String>,
     pub keep_alive: bool,
+    /// The body's length (`Content-Length`); the body itself is read after the head, into `body`.
+    pub body_len: u64,
+    pub body: Vec<u8>,
 }
 
 /// Parses a request head; `Ok(None)` means more bytes are needed.
@@ -111,14 +125,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static st
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err("malformed request"),
     };
-    let head_only = match req.method {
-        Some("GET") => false,
-        Some("HEAD") => true,
+    let (head_only, post) = match req.method {
+        Some("GET") => (false, false),
+        Some("HEAD") => (true, false),
+        Some("POST") => (false, true),
         _ => return Err("method not allowed"),
     };
     let path = req.path.ok_or("malformed request")?.to_string();
     let mut keep_alive = req.version == Some(1);
     let (mut range, mut inm) = (None, None);
+    let mut body_len = None;
     for h in req.headers.iter() {
         let v = std::str::from_utf8(h.value).unwrap_or("").trim().to_string();
         if h.name.eq_ignore_ascii_case("range") {
@@ -131,13 +147,25 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, &'static st
             } else if v.eq_ignore_ascii_case("keep-alive") {
                 keep_alive = true;
             }
-        } else if (h.name.eq_ignore_ascii_case("content-length") && v != "0")
-            || h.name.eq_ignore_ascii_case("transfer-encoding")
-        {
-            return Err("request bodies are not accepted");
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let len = v.parse::<u64>().map_err(|_| "malformed request")?;
+            if body_len.is_some_and(|l| l != len) {
+                return Err("malformed request");
+            }
+            body_len = Some(len);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("chunked request bodies are not accepted");
         }
     }
-    Ok(Some((Request { head_only, path, range, if_none_match: inm, keep_alive }, n)))
+    let body_len = body_len.unwrap_or(0);
+    if body_len > 0 && !post {
+        return Err("request bodies are not accepted");
+    }
+    if post && req.headers.iter().all(|h| !h.name.eq_ignore_ascii_case("content-length")) {
+        return Err("a POST needs Content-Length");
+    }
+    let req = Request { head_only, post, path, range, if_none_match: inm, keep_alive, body_len, body: Vec::new() };
+    Ok(Some((req, n)))
 }
 
 /// A `Range` header that cannot be satisfied (answered with 416).
@@ -175,7 +203,13 @@ pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, Unsati
 
 enum Body {
     Bytes(Arc<Vec<u8>>),
-    File { path: std::path::PathBuf, start: u64, len: u64 },
+    /// Two byte strings sent one after the other: a node's overlay and the agent's archive.
+    Pair(Arc<Vec<u8>>, Arc<Vec<u8>>),
+    File {
+        path: std::path::PathBuf,
+        start: u64,
+        len: u64,
+    },
     None,
 }
 
@@ -190,6 +224,17 @@ struct Response {
 }
 
 impl Response {
+    fn with_type(status: u16, reason: &'static str, content_type: &'static str, body: Vec<u8>) -> Self {
+        Response {
+            blob: None,
+            status,
+            reason,
+            headers: vec![("Content-Type", content_type.into()), ("Cache-Control", "no-store".into())],
+            len: body.len() as u64,
+            body: Body::Bytes(Arc::new(body)),
+        }
+    }
+
     fn text(status: u16, reason: &'static str, text: String) -> Self {
         let len = text.len() as u64;
         Response {
@@ -229,8 +274,34 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
     let event = |mac: Mac, kind: &'static str, detail: String| {
         shared.event(HttpEvent { mac: Some(mac), client, kind, detail });
     };
+    if let Some(mac) = path.strip_prefix("/heartbeat/") {
+        if !req.post {
+            let mut r = Response::text(405, "Method Not Allowed", "heartbeats are POSTed\n".into());
+            r.headers.push(("Allow", "POST".into()));
+            return r;
+        }
+        let answer = super::heartbeat::handle(site, shared, mac, client, &req.body);
+        let ctype = if answer.status == 200 { "application/json" } else { "text/plain; charset=utf-8" };
+        let mut r = Response::with_type(answer.status, answer.reason, ctype, answer.body.into_bytes());
+        if let Some(secs) = answer.retry_after {
+            r.headers.push(("Retry-After", secs.to_string()));
+        }
+        return r;
+    }
+    if req.post {
+        let mut r = Response::text(405, "Method Not Allowed", "only heartbeats are POSTed\n".into());
+        r.headers.push(("Allow", "GET, HEAD".into()));
+        return r;
+    }
     if path == "/healthz" {
         return Response::text(200, "OK", "ok\n".into());
+    }
+    if path == "/metrics" {
+        let text = super::metrics::render(site, shared.status.as_deref(), &shared.limits, shared.state.as_deref());
+        return Response::with_type(200, "OK", "text/plain; version=0.0.4; charset=utf-8", text.into_bytes());
+    }
+    if path == "/" {
+        return status_page(site, shared);
     }
     if let Some(m) = path.strip_prefix("/ipxe/") {
         let Ok(mac) = m.parse::<Mac>() else {
@@ -269,6 +340,10 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
         return match site.overlays.get(&mac) {
             Some(bytes) => {
                 event(mac, "overlay", format!("{} bytes", bytes.len()));
+                let (body, len) = match &shared.agent {
+                    Some(agent) => (Body::Pair(bytes.clone(), agent.clone()), bytes.len() + agent.len()),
+                    None => (Body::Bytes(bytes.clone()), bytes.len()),
+                };
                 Response {
                     blob: None,
                     status: 200,
@@ -277,8 +352,8 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
                         ("Content-Type", "application/octet-stream".into()),
                         ("Cache-Control", "no-store".into()),
                     ],
-                    len: bytes.len() as u64,
-                    body: Body::Bytes(bytes.clone()),
+                    len: len as u64,
+                    body,
                 }
             }
             None => Response::text(404, "Not Found", format!("{mac} is not a known node\n")),
@@ -362,6 +437,12 @@ async fn write_head(stream: &mut TcpStream, r: &Response, keep_alive: bool) -> s
     stream.write_all(head.as_bytes()).await
 }
 
+/// Whether a `/ipxe/{mac}` path names a node (its script boots it).
+fn is_node_script(site: &Site, path: &str) -> bool {
+    let path = percent_decode(path.split('?').next().unwrap_or(""));
+    path.strip_prefix("/ipxe/").and_then(|m| m.parse::<Mac>().ok()).is_some_and(|mac| site.node(mac).is_some())
+}
+
 /// Sends `len` bytes of `file` from `start` with sendfile(2), waiting for the socket as needed, at most
 /// `write_timeout` each time.
 async fn send_file(
@@ -400,11 +481,47 @@ async fn send_file(
 /// `[server] overlay_allow`. Overlays carry hosts files, keys and the admin's templates (sites put
 /// secrets there), and MACs are easy to guess.
 fn overlay_allowed(site: &Site, state: Option<&State>, mac: Mac, client: IpAddr) -> bool {
+    let in_allowed =
+        matches!(canonical(client), IpAddr::V4(v4) if site.overlay_allow.iter().any(|net| net.contains(v4)));
+    in_allowed || is_node_address(site, state, mac, client)
+}
+
+/// Whether `client` is node `mac`'s own address: its reservation, or the address leased to it.
+pub(super) fn is_node_address(site: &Site, state: Option<&State>, mac: Mac, client: IpAddr) -> bool {
     let IpAddr::V4(v4) = canonical(client) else { return false };
-    if site.node(mac).and_then(|n| n.ipv4) == Some(v4) || site.overlay_allow.iter().any(|net| net.contains(v4)) {
+    if site.node(mac).and_then(|n| n.ipv4) == Some(v4) {
         return true;
     }
     state.and_then(|s| s.address_of(mac, crate::util::unix_now())) == Some(v4)
+}
+
+/// The status page, from the server's view of its nodes and the latest boot events.
+fn status_page(site: &Site, shared: &Shared) -> Response {
+    let now = crate::util::unix_now();
+    let state = shared.state.as_deref();
+    let rows = match &shared.status {
+        Some(tracker) => tracker.status(site, state, false).unwrap_or_default(),
+        None => super::status::nodes_status(&site.nodes, &Default::default(), |_| None, now, 30),
+    };
+    let events = state.and_then(|s| s.events(None, super::page::EVENTS_SHOWN).ok()).unwrap_or_default();
+    let html = super::page::render(site, &rows, &events, &shared.limits.snapshot(), now);
+    Response::with_type(200, "OK", "text/html; charset=utf-8", html.into_bytes())
+}
+
+/// The route a path takes, as a metrics label.
+fn route_label(site: &Site, path: &str) -> &'static str {
+    let path = path.split('?').next().unwrap_or("");
+    let prefixes = [("/ipxe/", "ipxe"), ("/blob/", "blob"), ("/overlay/", "overlay"), ("/heartbeat/", "heartbeat")];
+    if let Some((_, label)) = prefixes.iter().find(|(p, _)| path.starts_with(p)) {
+        return label;
+    }
+    match path {
+        "/metrics" => "metrics",
+        "/" => "status",
+        "/healthz" => "healthz",
+        p if site.boot_files.by_name(p.trim_start_matches('/')).is_some() => "boot_file",
+        _ => "other",
+    }
 }
 
 /// An IPv4 client seen through an IPv6 socket is still an IPv4 client.
@@ -468,7 +585,36 @@ async fn connection(mut stream: TcpStream, client: IpAddr, shared: Shared) -> st
             buf.extend_from_slice(&chunk[..n]);
         };
         buf.drain(..used);
+        let mut req = req;
         let snapshot = shared.site.borrow().clone();
+        if req.body_len > 0 {
+            let max = super::heartbeat::Settings::of(&snapshot.server).max_body;
+            if req.body_len > max as u64 {
+                shared.limits.limit("heartbeat_max_body", max as u64, "heartbeats refused (body too large)").refuse();
+                let r = Response::text(413, "Content Too Large", format!("a request body may have {max} bytes\n"));
+                super::metrics::http_response(route_label(&snapshot, &req.path), 413, r.len, None);
+                return reply(&mut stream, r, false, limits.write_timeout).await;
+            }
+            let deadline = tokio::time::Instant::now() + limits.header_timeout;
+            while (buf.len() as u64) < req.body_len {
+                let mut chunk = [0u8; 4096];
+                let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        shared
+                            .limits
+                            .limit("http_header_timeout", limits.header_timeout.as_secs(), "slow clients cut off")
+                            .refuse();
+                        return Ok(());
+                    }
+                };
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            req.body = buf.drain(..req.body_len as usize).collect();
+        }
         let mut resp = route(&snapshot, &req, client, &shared);
         tracing::debug!(path = %req.path, status = resp.status, "http");
         if req.head_only {
@@ -479,7 +625,14 @@ async fn connection(mut stream: TcpStream, client: IpAddr, shared: Shared) -> st
             _ => None,
         };
         let started = std::time::Instant::now();
+        let label = route_label(&snapshot, &req.path);
+        let (status, body_bytes, file) = (resp.status, resp.len, matches!(resp.body, Body::File { .. }));
+        if label == "ipxe" && status == 200 && !req.head_only && is_node_script(&snapshot, &req.path) {
+            super::metrics::boot_started();
+        }
         let sent = reply(&mut stream, resp, req.keep_alive, limits.write_timeout).await;
+        let delivered = if sent.is_ok() && !req.head_only { body_bytes } else { 0 };
+        super::metrics::http_response(label, status, delivered, file.then_some(sent.is_ok()));
         if let Some((label, len)) = logged {
             let secs = started.elapsed().as_secs_f64();
             let detail = match &sent {
@@ -502,6 +655,7 @@ async fn reply(stream: &mut TcpStream, r: Response, keep_alive: bool, write_time
         Body::File { path, .. } => match std::fs::File::open(path) {
             Ok(f) => Some(f),
             Err(e) => {
+                super::metrics::error(super::metrics::ErrorKind::HttpFile);
                 tracing::warn!("http: opening {}: {e}", path.display());
                 let failed = Response::text(500, "Internal Server Error", "the file cannot be read\n".into());
                 return Box::pin(reply(stream, failed, false, write_timeout)).await;
@@ -514,6 +668,11 @@ async fn reply(stream: &mut TcpStream, r: Response, keep_alive: bool, write_time
     match (&r.body, file) {
         (Body::Bytes(b), _) => {
             tokio::time::timeout(write_timeout, stream.write_all(b)).await.map_err(|_| timed_out())??
+        }
+        (Body::Pair(a, b), _) => {
+            for part in [a, b] {
+                tokio::time::timeout(write_timeout, stream.write_all(part)).await.map_err(|_| timed_out())??
+            }
         }
         (Body::File { start, len, .. }, Some(file)) => send_file(stream, &file, *start, *len, write_timeout).await?,
         _ => {}
@@ -601,7 +760,13 @@ mod tests {
         assert!(r.keep_alive && !r.head_only);
         assert_eq!(n, raw.len() - 4, "the head ends before the next request's bytes");
         assert!(parse_request(b"GET / HTTP/1.1\r\nHost").unwrap().is_none());
-        assert_eq!(parse_request(b"POST / HTTP/1.1\r\n\r\n").unwrap_err(), "method not allowed");
+        assert_eq!(parse_request(b"PUT / HTTP/1.1\r\n\r\n").unwrap_err(), "method not allowed");
+        assert_eq!(parse_request(b"POST / HTTP/1.1\r\n\r\n").unwrap_err(), "a POST needs Content-Length");
+        let (r, _) = parse_request(b"POST /heartbeat/x HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap().unwrap();
+        assert!(r.post && r.body_len == 12);
+        assert!(parse_request(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n").is_err());
+        assert!(parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_request(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
         assert!(parse_request(b"\x00\x01garbage\r\n\r\n").is_err());
         let (r, _) = parse_request(b"HEAD /healthz HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(r.head_only && !r.keep_alive);

@@ -5,6 +5,8 @@
 //! - [`dhcp`], [`tftp`], [`http`]: the three protocols, each with pure decisions and a thin socket loop;
 //! - [`state`]: leases, discovered machines and boot events on disk; [`control`]: the socket other kiln
 //!   commands ask while the server holds that state;
+//! - [`status`]: what each node is doing (off, booting, up, lost), from its boot events and the heartbeats of
+//!   its agent ([`heartbeat`]); [`metrics`] (`/metrics`) and [`page`] (`/`) show it;
 //! - [`mod@run`]: starts everything, reloads on SIGHUP, keeps the boot log.
 
 pub mod bootlog;
@@ -12,12 +14,16 @@ pub mod control;
 pub mod dhcp;
 mod dhcp_glue;
 pub mod firmware;
+pub mod heartbeat;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod overlay;
+pub mod page;
 pub mod run;
 pub mod site;
 pub mod state;
+pub mod status;
 pub mod tftp;
 
 use std::path::{Path, PathBuf};

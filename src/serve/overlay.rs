@@ -2,7 +2,8 @@
 //!
 //! - `/etc/hostname`, and `/etc/hosts` listing the server and every node with an address;
 //! - `/etc/kiln/node.env`: the node's settings as shell variables (`KILN_NODE`, `KILN_MAC`,
-//!   `KILN_IPV4`, `KILN_PREFIX`, `KILN_GATEWAY`, `KILN_IMAGE`, `KILN_VLAN`, `KILN_TAGS`);
+//!   `KILN_IPV4`, `KILN_PREFIX`, `KILN_GATEWAY`, `KILN_IMAGE`, `KILN_VLAN`, `KILN_TAGS`), and what
+//!   its status agent needs (`KILN_SERVER_URL`, `KILN_HEARTBEAT`, `KILN_IMAGE_DIGEST`);
 //! - `/etc/systemd/network/10-kiln.network` (when the node has an address): a static address on
 //!   the interface with the node's MAC, for systemd-networkd;
 //! - `/root/.ssh/authorized_keys` (0600 in a 0700 directory) when keys are configured.
@@ -24,8 +25,25 @@ use anyhow::{bail, Context, Result};
 use crate::archive::{Compression, Compressor, NewcTree};
 use crate::recipe::Node;
 
+/// What node.env tells a node's status agent (`kiln-node agent`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentEnv {
+    /// Where to report: the server's base URL, e.g. `http://10.4.0.1`.
+    pub server_url: String,
+    /// Seconds between heartbeats.
+    pub heartbeat: u64,
+    /// The digest of the node's image (`sha256:…`), empty when it has no bundle.
+    pub image_digest: String,
+}
+
 /// Renders the overlay files of `node`: path → (mode, contents).
-pub fn files(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) -> BTreeMap<String, (u32, Vec<u8>)> {
+pub fn files(
+    node: &Node,
+    all: &[Node],
+    server: Ipv4Addr,
+    domain: Option<&str>,
+    agent: &AgentEnv,
+) -> BTreeMap<String, (u32, Vec<u8>)> {
     let mut f = BTreeMap::new();
     f.insert("etc/hostname".into(), (0o644, format!("{}\n", node.hostname).into_bytes()));
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
@@ -51,6 +69,9 @@ pub fn files(node: &Node, all: &[Node], server: Ipv4Addr, domain: Option<&str>) 
         opt(node.gateway.map(|g| g.to_string())),
         opt(node.vlan.map(|v| v.to_string())),
         node.tags.join(" ").replace('\'', ""),
+    ) + &format!(
+        "KILN_SERVER_URL='{}'\nKILN_HEARTBEAT='{}'\nKILN_IMAGE_DIGEST='{}'\n",
+        agent.server_url, agent.heartbeat, agent.image_digest
     );
     f.insert("etc/kiln/node.env".into(), (0o644, env.into_bytes()));
     if let Some(ip) = node.ipv4 {
@@ -137,8 +158,9 @@ pub fn build(
     server: Ipv4Addr,
     domain: Option<&str>,
     templates: &BTreeMap<String, (u32, Vec<u8>)>,
+    agent: &AgentEnv,
 ) -> Result<Vec<u8>> {
-    let mut files = files(node, all, server, domain);
+    let mut files = files(node, all, server, domain, agent);
     for (path, (mode, text)) in templates {
         files.insert(path.clone(), (*mode, render(path, text, node, server)?));
     }
@@ -183,15 +205,24 @@ mod tests {
     fn overlay_is_deterministic_and_lists_cluster_hosts() {
         let all = vec![node("n001", Some("10.4.0.11")), node("n002", Some("10.4.0.12"))];
         let server: Ipv4Addr = "10.4.0.1".parse().unwrap();
-        let a = build(&all[0], &all, server, None, &BTreeMap::new()).unwrap();
-        assert_eq!(a, build(&all[0], &all, server, None, &BTreeMap::new()).unwrap());
-        let f = files(&all[0], &all, server, Some("cluster"));
+        let agent =
+            AgentEnv { server_url: "http://10.4.0.1:8080".into(), heartbeat: 30, image_digest: "sha256:ab".into() };
+        let a = build(&all[0], &all, server, None, &BTreeMap::new(), &agent).unwrap();
+        assert_eq!(a, build(&all[0], &all, server, None, &BTreeMap::new(), &agent).unwrap());
+        let f = files(&all[0], &all, server, Some("cluster"), &agent);
+        let env = String::from_utf8(f["etc/kiln/node.env"].1.clone()).unwrap();
+        assert!(
+            env.contains(
+                "KILN_SERVER_URL='http://10.4.0.1:8080'\nKILN_HEARTBEAT='30'\nKILN_IMAGE_DIGEST='sha256:ab'\n"
+            ),
+            "{env}"
+        );
         assert_eq!(f["etc/hostname"].1, b"n001\n");
         let hosts = String::from_utf8(f["etc/hosts"].1.clone()).unwrap();
         assert!(hosts.contains("10.4.0.12\tn002.cluster n002"), "{hosts}");
         assert_eq!(f["root/.ssh/authorized_keys"].0, 0o600);
         assert!(String::from_utf8_lossy(&f["etc/systemd/network/10-kiln.network"].1).contains("Address=10.4.0.11/24"));
-        assert_ne!(a, build(&all[1], &all, server, None, &BTreeMap::new()).unwrap());
+        assert_ne!(a, build(&all[1], &all, server, None, &BTreeMap::new(), &agent).unwrap());
     }
 
     #[test]
@@ -208,8 +239,9 @@ mod tests {
         std::fs::write(d.path().join("etc/motd"), "welcome to {{node}}\n").unwrap();
         let t = read_templates(d.path()).unwrap();
         let all = vec![n.clone()];
-        let bytes = build(&n, &all, server, None, &t).unwrap();
-        assert_ne!(bytes, build(&n, &all, server, None, &BTreeMap::new()).unwrap());
+        let agent = AgentEnv::default();
+        let bytes = build(&n, &all, server, None, &t, &agent).unwrap();
+        assert_ne!(bytes, build(&n, &all, server, None, &BTreeMap::new(), &agent).unwrap());
         std::os::unix::fs::symlink("/etc/shadow", d.path().join("etc/shadow")).unwrap();
         assert!(read_templates(d.path()).unwrap_err().to_string().contains("regular files"));
     }

@@ -19,6 +19,7 @@ use super::http::{self, HttpEvent};
 use super::limits::Limits;
 use super::site::Site;
 use super::state::State;
+use super::status::{Live, Tracker};
 use super::tftp::{TftpConfig, TftpEvent, TftpFiles};
 use crate::recipe::{DhcpMode, LoadedRecipe};
 use crate::store::Store;
@@ -186,12 +187,19 @@ async fn serve(
     );
     let socket = state_dir.join(super::control::SOCKET);
     let control = super::control::bind(&socket);
+    super::metrics::started(crate::util::unix_now());
+    let agent = load_agent();
 
     let limits = Limits::default();
     let queue = site.server.event_queue.unwrap_or(EVENT_QUEUE).max(1);
     let recorder = Recorder::start(state.clone(), queue, limits.clone()).context("starting the boot log writer")?;
+    // What was heard of the nodes before a restart, and no trace of nodes gone from the recipe.
+    state.forget_heartbeats(|mac| site.node(mac).is_some())?;
+    let seen = super::status::seen_in(&state, site.nodes.iter().map(|n| n.mac))?;
+    let tracker = Arc::new(Tracker::new(seen, Some(recorder.clone())));
     let mut bootlog = BootLog::new(recorder, limits.clone());
     bootlog.set_lines_per_second(site.server.log_lines_per_second.unwrap_or(LOG_LINES_PER_SECOND));
+    bootlog.track(tracker.clone());
 
     let (site_tx, site_rx) = watch::channel(Arc::new(site));
     let (tftp_tx, tftp_rx) = watch::channel(Arc::new(tftp_config(&site_rx.borrow())));
@@ -205,6 +213,8 @@ async fn serve(
         state: Some(state.clone()),
         events: Some(http_ev_tx),
         limits: limits.clone(),
+        status: Some(tracker.clone()),
+        agent,
     };
     tasks.spawn(http::serve(http, shared, stop_rx.clone()));
     let mut tftp_stop = stop_rx.clone();
@@ -221,7 +231,8 @@ async fn serve(
         Ok(())
     });
     if let Some(listener) = control {
-        tasks.spawn(super::control::serve(listener, state.clone(), stop_rx.clone()));
+        let live = Live { tracker: tracker.clone(), site: site_rx.clone() };
+        tasks.spawn(super::control::serve(listener, state.clone(), Some(live), stop_rx.clone()));
     }
     let mut dhcp_ev = super::dhcp_glue::start(&mut tasks, &site_rx, state.clone(), queue, stop_rx.clone())?;
     // systemd (Type=notify): READY=1 now that every server is started, STOPPING=1 once shutdown begins.
@@ -253,6 +264,7 @@ async fn serve(
                             state.set_limits(site.state_limits);
                             bootlog.set_lines_per_second(site.server.log_lines_per_second.unwrap_or(LOG_LINES_PER_SECOND));
                             println!("kiln serve: reloaded {} ({} nodes, {} images)", opts.recipe.display(), site.nodes.len(), site.bundles.len());
+                            tracker.retain(|mac| site.node(mac).is_some());
                             let _ = site_tx.send(Arc::new(site));
                         } else {
                             eprintln!(
@@ -296,6 +308,29 @@ async fn serve(
     }
     println!("kiln serve: stopped");
     result
+}
+
+/// The agent's initrd segment that goes out with every overlay, packed once from `kiln-node`; without it the
+/// server still serves, and says what nodes will lack.
+fn load_agent() -> Option<Arc<Vec<u8>>> {
+    let packed = crate::util::node_binary().and_then(|path| Ok((super::heartbeat::agent_archive(&path)?, path)));
+    match packed {
+        Ok((archive, path)) => {
+            println!(
+                "kiln serve: node agent {} ({} with every overlay)",
+                path.display(),
+                crate::util::human_size(archive.len() as u64)
+            );
+            Some(Arc::new(archive))
+        }
+        Err(e) => {
+            eprintln!(
+                "kiln serve: warning: no node agent for the nodes ({e:#}); kiln node status will show them booting, \
+                 never up"
+            );
+            None
+        }
+    }
 }
 
 /// Reads the recipe and checks every bundle on a blocking thread; the result arrives on `done`.

@@ -128,6 +128,8 @@ impl Site {
             bundles.insert(image.clone(), bundle);
         }
         let boot_files = BootFiles::load(&server, store, &file)?;
+        super::heartbeat::Settings::check(&server).with_context(|| file.clone())?;
+        let http_port = server.http_port.unwrap_or(80);
         let mut templates = HashMap::new();
         for (name, img) in &recipe.image {
             if let Some(dir) = &img.overlay {
@@ -140,7 +142,12 @@ impl Site {
         let mut overlays = HashMap::new();
         for n in &nodes {
             let t = templates.get(&n.image).unwrap_or(&none);
-            let bytes = overlay::build(n, &nodes, cidr.addr, server.domain.as_deref(), t)
+            let agent = overlay::AgentEnv {
+                server_url: base_url(cidr.addr, http_port),
+                heartbeat: super::status::heartbeat_of(server.heartbeat),
+                image_digest: bundles.get(&n.image).map(|b: &Bundle| format!("sha256:{}", b.image)).unwrap_or_default(),
+            };
+            let bytes = overlay::build(n, &nodes, cidr.addr, server.domain.as_deref(), t, &agent)
                 .with_context(|| format!("{file}: overlay of [node.{}]", n.name))?;
             overlays.insert(n.mac, Arc::new(bytes));
         }
@@ -162,7 +169,7 @@ impl Site {
             http_limits,
             overlay_allow: server.overlay_allow.clone(),
             state_limits,
-            http_port: server.http_port.unwrap_or(80),
+            http_port,
             address: cidr.addr,
             prefix,
             server,
@@ -184,11 +191,7 @@ impl Site {
     }
 
     pub fn base_url(&self) -> String {
-        if self.http_port == 80 {
-            format!("http://{}", self.address)
-        } else {
-            format!("http://{}:{}", self.address, self.http_port)
-        }
+        base_url(self.address, self.http_port)
     }
 
     /// The iPXE script for a machine: its node's bundle, or what `unknown` says for others.
@@ -246,6 +249,15 @@ impl Site {
                 Script::ok(text)
             }
         }
+    }
+}
+
+/// `http://ADDRESS[:PORT]`: where nodes find the server.
+pub fn base_url(address: Ipv4Addr, http_port: u16) -> String {
+    if http_port == 80 {
+        format!("http://{address}")
+    } else {
+        format!("http://{address}:{http_port}")
     }
 }
 

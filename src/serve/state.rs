@@ -1,4 +1,4 @@
-//! The boot server's persistent state: leases, discovered machines, boot events.
+//! The boot server's persistent state: leases, discovered machines, boot events, nodes' last heartbeats.
 //!
 //! One embedded database, `<state dir>/state.redb` (redb: copy-on-write B-trees, every write a transaction, safe
 //! against a crash mid-write). Leases are committed durably before the DHCPACK that announces them leaves the
@@ -9,7 +9,7 @@
 //! Leases are also cached in memory (the DHCP server asks about them on every packet).
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -41,12 +41,14 @@ impl Default for StateLimits {
 }
 
 /// One thing to note in the boot log, written in batches by [`State::record`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// A boot event of `mac`.
     Event { mac: Mac, kind: String, detail: String, time: u64 },
     /// A machine outside the node list asked for boot service.
     Discovered { mac: Mac, arch: Option<u16>, vendor_class: Option<String>, time: u64 },
+    /// A node's agent reported; replaces that node's previous heartbeat.
+    Heartbeat(Heartbeat),
 }
 
 /// MAC (6 bytes) → JSON [`Lease`].
@@ -61,6 +63,9 @@ const EVENT_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("event_ord
 const EVENT_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("event_seq");
 /// IPv4 address (as u32) → unix time until which it must not be offered (a client declined it).
 const DECLINED: TableDefinition<u32, u64> = TableDefinition::new("declined");
+/// MAC → JSON [`Heartbeat`]: each node's last heartbeat. Only nodes of the recipe have one (the server refuses
+/// heartbeats for any other MAC), so the table is as large as the node list.
+const HEARTBEATS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("heartbeats");
 /// Counters: "events" → the global event sequence number.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -113,6 +118,44 @@ pub struct BootEvent {
     pub detail: String,
     /// Orders events across machines (strictly increasing).
     pub seq: u64,
+}
+
+/// What a node's status agent (`kiln-node agent`) said in one heartbeat, checked by the server
+/// ([`super::heartbeat`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// `up`, or `stop` when the node shuts down.
+    pub event: String,
+    /// Seconds since the node's kernel started.
+    pub uptime: f64,
+    /// The 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    /// Bytes.
+    pub mem_total: u64,
+    /// Bytes the node could still use (MemAvailable).
+    pub mem_available: u64,
+    /// The kernel release (`uname -r`).
+    pub kernel: String,
+    /// The digest of the image the node was given (`sha256:…`), empty if it does not know.
+    #[serde(default)]
+    pub image: String,
+    /// The kernel's boot id: a new one means a new boot.
+    #[serde(default)]
+    pub boot_id: String,
+    /// The agent's version.
+    #[serde(default)]
+    pub agent: String,
+}
+
+/// A node's last heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub mac: Mac,
+    /// Unix seconds when it arrived.
+    pub received: u64,
+    /// The address it came from.
+    pub from: IpAddr,
+    pub report: Report,
 }
 
 /// The persistent state of one boot server.
@@ -190,6 +233,7 @@ impl State {
             txn.open_table(EVENT_SEQ)?;
             txn.open_table(EVENT_ORDER)?;
             txn.open_table(DECLINED)?;
+            txn.open_table(HEARTBEATS)?;
             txn.open_table(META)?;
         }
         txn.commit().with_context(|| format!("initialising {}", path.display()))?;
@@ -409,8 +453,12 @@ impl State {
             let mut events = txn.open_table(EVENTS)?;
             let mut order = txn.open_table(EVENT_ORDER)?;
             let mut discovered = txn.open_table(DISCOVERED)?;
+            let mut heartbeats = txn.open_table(HEARTBEATS)?;
             for record in records {
                 match record {
+                    Record::Heartbeat(beat) => {
+                        heartbeats.insert(&beat.mac.0[..], &serde_json::to_vec(beat)?[..])?;
+                    }
                     Record::Event { mac, kind, detail, time } => {
                         let seq = meta.get("events")?.map(|v| v.value()).unwrap_or(0);
                         meta.insert("events", seq + 1)?;
@@ -473,6 +521,33 @@ impl State {
         self.dropped_events.fetch_add(dropped.0, Ordering::Relaxed);
         self.dropped_discovered.fetch_add(dropped.1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Every node's last heartbeat.
+    pub fn heartbeats(&self) -> Result<Vec<Heartbeat>> {
+        let read = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for item in read.open_table(HEARTBEATS)?.iter()? {
+            out.push(decode(item?.1.value(), &self.path, "heartbeat")?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the heartbeats of machines for which `keep` says no (nodes no longer in the recipe); returns how
+    /// many.
+    pub fn forget_heartbeats(&self, keep: impl Fn(Mac) -> bool) -> Result<usize> {
+        let gone: Vec<Mac> = self.heartbeats()?.into_iter().map(|h| h.mac).filter(|m| !keep(*m)).collect();
+        if !gone.is_empty() {
+            self.write(Durability::Eventual, |txn| {
+                let mut table = txn.open_table(HEARTBEATS)?;
+                for mac in &gone {
+                    table.remove(&mac.0[..])?;
+                }
+                Ok(())
+            })
+            .with_context(|| format!("forgetting heartbeats in {}", self.path.display()))?;
+        }
+        Ok(gone.len())
     }
 
     /// The last `limit` boot events, of one machine or of all, oldest first.

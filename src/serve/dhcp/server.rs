@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::context::DhcpContext;
 use super::decide::{respond, respond_proxy, DhcpEvent, DhcpEventKind, Reply};
 use super::leases::BatchBook;
+use crate::serve::metrics;
 use crate::serve::state::{Record, State};
 use crate::util::unix_now;
 
@@ -174,6 +175,7 @@ impl Worker {
         if let Some(out) = &reply.packet {
             let socket = if on_proxy { self.proxy.as_ref().unwrap_or(&self.main) } else { &self.main };
             if let Err(e) = socket.send_to(&out.bytes, SocketAddr::V4(out.to)) {
+                metrics::error(metrics::ErrorKind::DhcpSend);
                 warn!(to = %out.to, "sending a DHCP reply: {e}");
             }
         }
@@ -190,8 +192,9 @@ impl Worker {
             } else {
                 respond(&r.packet, &context, &mut book, now)
             };
-            if let Some(reply) = reply {
-                replies.push((reply, r.on_proxy));
+            match reply {
+                Some(reply) => replies.push((reply, r.on_proxy)),
+                None => metrics::dhcp_ignored(&r.packet),
             }
         }
         // Offers, NAKs and proxy answers need nothing on disk: they leave at once. Acknowledgements wait for
@@ -205,6 +208,7 @@ impl Worker {
             Ok(()) => true,
             Err(e) => {
                 warn!("not acknowledging {} lease(s): {e:#}", book.staged.len());
+                metrics::error(metrics::ErrorKind::LeaseWrite);
                 false
             }
         };
@@ -212,9 +216,17 @@ impl Worker {
         for (reply, on_proxy) in replies {
             if is_ack(&reply) {
                 if !committed {
+                    metrics::dhcp_failed(1);
                     continue;
                 }
                 self.send(&reply, on_proxy);
+            }
+            match (&reply.event, &reply.observed) {
+                (Some(event), _) => metrics::dhcp_answered(event.kind),
+                // proxyDHCP: a node's REQUEST to the site's server, its address noted.
+                (None, Some(_)) => metrics::dhcp_observed(),
+                // A machine that is not a node, recorded but left unanswered (no address for it).
+                (None, None) => metrics::dhcp_unanswered_discover(),
             }
             if let Some((mac, ip)) = reply.observed {
                 self.state.observe(mac, ip, now + u64::from(context.lease_secs));

@@ -135,10 +135,12 @@ impl Transfer {
                 let secs = start.elapsed().as_secs_f64();
                 let rate = bytes as f64 / secs.max(1e-6) / 1e6;
                 info!(%client, file, bytes, "TFTP transfer finished in {secs:.3} s ({rate:.1} MB/s)");
+                crate::serve::metrics::tftp_transfer(true, bytes);
                 self.emit(TftpEvent::Finished { client, file, bytes, secs });
             }
             Err(Ending::Probe(reason)) => debug!(%client, file, "TFTP client ended after the OACK: {reason}"),
             Err(Ending::Failed(error)) => {
+                crate::serve::metrics::tftp_transfer(false, 0);
                 warn!(%client, file, "TFTP transfer failed: {error}");
                 self.emit(TftpEvent::Failed { client, file, error });
             }
