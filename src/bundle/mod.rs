@@ -33,6 +33,8 @@ pub use manifest::{KernelEntry, Manifest, SourceEntry};
 /// reads `kiln.init=` and `kiln.shell` from the kernel command line, and `exec`s the image's own
 /// init (`/sbin/init` by default), which keeps PID 1 and runs from RAM. It needs the image's
 /// `/bin/sh`; in an image without one, the kernel falls back to running `/sbin/init` itself.
+/// Just before, it starts kiln's status agent in the background when the node's overlay brought
+/// one (`/usr/lib/kiln/kiln-node`, see `serve::heartbeat`): the image's init inherits it.
 pub const INIT_SHIM: &str = r#"#!/bin/sh
 # kiln init shim: PID 1 from the unpacked initramfs + image. It mounts the kernel's API
 # filesystems and replaces itself with the image's own init, which runs from RAM.
@@ -57,6 +59,11 @@ done
 if [ ! -x "$init" ]; then
   echo "kiln: $init is missing or not executable in this image; starting /bin/sh" >&2
   exec /bin/sh
+fi
+# kiln's status agent, from the node's overlay: it reports to kiln serve beside the image's init,
+# which inherits it, and ends with every other process at shutdown.
+if [ -x /usr/lib/kiln/kiln-node ] && [ -r /etc/kiln/node.env ]; then
+  /usr/lib/kiln/kiln-node agent --log /dev/kmsg </dev/null >/dev/null 2>&1 &
 fi
 echo "kiln: starting $init" >&2
 exec "$init" "$@"
@@ -398,5 +405,7 @@ mod tests {
     fn shim_is_posix_sh_and_execs_the_image_init() {
         assert!(INIT_SHIM.starts_with("#!/bin/sh\n"));
         assert!(INIT_SHIM.contains("exec \"$init\""));
+        let agent = INIT_SHIM.find("kiln-node agent").expect("the shim starts the agent");
+        assert!(agent < INIT_SHIM.find("exec \"$init\"").unwrap(), "the agent starts before the image's init");
     }
 }

@@ -1,5 +1,5 @@
-//! `kiln node ls|add|set|rm|events|console`: the recipe's nodes, what the boot server recorded about machines,
-//! and a node's serial console.
+//! `kiln node ls|add|set|rm|events|console|status`: the recipe's nodes, what the boot server recorded about
+//! machines, a node's serial console, and what each node is doing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use crate::recipe::edit::{self, BmcEdit, NodeEdit};
 use crate::recipe::LoadedRecipe;
 use crate::serve::control::{self, Query};
 use crate::serve::state::{BootEvent, Discovered};
+use crate::serve::status::{self, NodeStatus};
 
 #[derive(Args, Debug, Clone)]
 pub struct NodeFields {
@@ -153,6 +154,36 @@ pub enum NodeCommand {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
         timeout: u64,
     },
+    /// Show what each node is doing: off (never seen, or shut down), booting (with the step it is at), up (with
+    /// its uptime, load, memory and kernel, from the agent kiln puts on every node) or lost (up, then silent for 3
+    /// heartbeats). Asks the running `kiln serve`, else reads the state it left. Examples:
+    ///
+    ///   kiln node status
+    ///
+    ///   kiln node status n042 n043 --watch
+    ///
+    ///   kiln node status --json --unknown
+    Status {
+        /// Nodes to show (names or MAC addresses). By default, every node of the recipe.
+        nodes: Vec<String>,
+        #[arg(long, short = 'f', default_value = "kiln.toml")]
+        recipe: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Also machines that asked to boot but are not nodes (state `unknown`).
+        #[arg(long)]
+        unknown: bool,
+        /// Where the server keeps its state (default: [server] state_dir, else <store>/state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print a JSON list of objects (node, mac, state, stage, last_seen, image, address, booted, uptime, load,
+        /// mem_used, mem_total, kernel, image_digest; times in unix seconds).
+        #[arg(long)]
+        json: bool,
+        /// Show it again every 2 seconds until interrupted (with --json: one list per line).
+        #[arg(long)]
+        watch: bool,
+    },
     /// Remove a node from the recipe.
     Rm {
         name: String,
@@ -206,6 +237,38 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 None => ExitCode::from(1),
             });
         }
+        NodeCommand::Status { nodes, recipe, store, unknown, state_dir, json, watch } => {
+            drop(out);
+            let loaded = if recipe.exists() { Some(LoadedRecipe::load(&recipe)?) } else { None };
+            let dir = state_dir_of(&recipe, &store, state_dir.as_deref())?;
+            let show = |first: bool| -> Result<()> {
+                let rows = pick(status::query(&dir, loaded.as_ref(), unknown)?, &nodes)?;
+                let mut out = std::io::stdout().lock();
+                if watch && !json && std::io::IsTerminal::is_terminal(&out) {
+                    // Home and clear: the table is redrawn in place.
+                    write!(out, "\x1b[H\x1b[2J")?;
+                } else if watch && !json && !first {
+                    writeln!(out)?;
+                }
+                if json && watch {
+                    writeln!(out, "{}", serde_json::to_string(&rows)?)?;
+                } else if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+                } else {
+                    write!(out, "{}", status_table(&rows, crate::util::unix_now()))?;
+                }
+                out.flush()?;
+                Ok(())
+            };
+            show(true)?;
+            while watch {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                // The server may be restarting: say so and keep watching.
+                if let Err(e) = show(false) {
+                    eprintln!("kiln node status: {e:#}");
+                }
+            }
+        }
         NodeCommand::Events { recipe, store, mac, limit, state_dir, json } => {
             let known = if recipe.exists() { edit::list(&recipe)? } else { vec![] };
             let mac = match mac {
@@ -238,6 +301,75 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rows of `wanted` (names or MACs), in that order; all rows when none are named.
+fn pick(rows: Vec<NodeStatus>, wanted: &[String]) -> Result<Vec<NodeStatus>> {
+    if wanted.is_empty() {
+        return Ok(rows);
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        let mac = w.parse::<Mac>().ok();
+        let row = rows.iter().find(|r| r.node.as_deref() == Some(w.as_str()) || Some(r.mac) == mac);
+        match row {
+            Some(r) => out.push(r.clone()),
+            None => {
+                let names: Vec<&str> = rows.iter().filter_map(|r| r.node.as_deref()).collect();
+                anyhow::bail!("{w:?} is not a node (nodes: {})", names.join(", "));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The status as a table for people.
+fn status_table(rows: &[NodeStatus], now: u64) -> String {
+    use crate::serve::page::duration;
+    let dash = || "-".to_string();
+    let mut table = vec![[
+        "NODE",
+        "MAC",
+        "STATE",
+        "STAGE",
+        "IMAGE",
+        "ADDRESS",
+        "HEARD",
+        "BOOTED (UTC)",
+        "UPTIME",
+        "LOAD",
+        "MEMORY",
+        "KERNEL",
+    ]
+    .map(String::from)];
+    for r in rows {
+        table.push([
+            r.node.clone().unwrap_or_else(|| "(unknown)".into()),
+            r.mac.to_string(),
+            r.state.to_string(),
+            r.stage.clone().unwrap_or_else(dash),
+            r.image.clone().unwrap_or_else(dash),
+            r.address.map(|a| a.to_string()).unwrap_or_else(dash),
+            r.last_seen.map(|t| format!("{} ago", duration(now.saturating_sub(t)))).unwrap_or_else(|| "never".into()),
+            r.booted.map(crate::util::utc_time).unwrap_or_else(dash),
+            r.uptime.map(duration).unwrap_or_else(dash),
+            r.load.map(|l| format!("{:.2}", l[0])).unwrap_or_else(dash),
+            match (r.mem_used, r.mem_total) {
+                (Some(u), Some(t)) => format!("{}/{}", crate::util::human_size(u), crate::util::human_size(t)),
+                _ => dash(),
+            },
+            r.kernel.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..12).map(|c| table.iter().map(|row| row[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut text = String::new();
+    for row in &table {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        text.push_str(cells.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
 }
 
 /// The state directory a node command reads, chosen as `kiln serve` chooses it ([`crate::serve::state_dir`]).
