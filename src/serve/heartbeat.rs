@@ -180,14 +180,17 @@ pub fn handle(site: &Site, shared: &Shared, mac: &str, client: IpAddr, body: &[u
         }
     };
     let event = match report.event.as_str() {
-        "stop" => Some(("shutdown", format!("the agent said goodbye after {} s up", report.uptime as u64))),
+        "stop" => Some((
+            "shutdown",
+            format!("the agent said goodbye after {} up", super::page::duration(report.uptime as u64)),
+        )),
         _ => None,
     };
     let beat = Heartbeat { mac, received: unix_now(), from: client, report };
     let summary = format!(
-        "kernel {}, {} s after power-on, image {}",
+        "kernel {}, {} after power-on, image {}",
         beat.report.kernel,
-        beat.report.uptime as u64,
+        super::page::duration(beat.report.uptime as u64),
         short_digest(&beat.report.image)
     );
     if tracker.heartbeat(beat) {

@@ -116,7 +116,13 @@ pub fn render(
             r.address.map(|a| a.to_string()).unwrap_or_else(dash),
             r.mac,
             r.last_seen.map(|t| format!("{} ago", duration(now.saturating_sub(t)))).unwrap_or_else(|| "never".into()),
-            r.booted.map(|t| format!("{} UTC", utc_time(t))).unwrap_or_else(dash),
+            // To the minute: the uptime beside it says the rest.
+            r.booted
+                .map(|t| {
+                    let full = utc_time(t);
+                    format!("{} UTC", full.get(..16).unwrap_or(&full))
+                })
+                .unwrap_or_else(dash),
             r.uptime.map(duration).unwrap_or_else(dash),
             r.load.map(|l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])).unwrap_or_else(dash),
             match (r.mem_used, r.mem_total) {
@@ -163,7 +169,8 @@ pub fn render(
     item("unknown machines", server.unknown.to_string());
     item("heartbeat", format!("every {heartbeat} s, lost after {} s", heartbeat * super::status::LOST_AFTER));
     item("images", site.bundles.keys().cloned().collect::<Vec<_>>().join(", "));
-    item("firmware files", site.boot_files.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(", "));
+    let firmware: Vec<String> = site.boot_files.iter().map(|f| f.name.clone()).collect();
+    item("firmware files", if firmware.is_empty() { "none".into() } else { firmware.join(", ") });
     let hit: Vec<String> = limits.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} ({n})")).collect();
     item("limits hit", if hit.is_empty() { "none".into() } else { hit.join(", ") });
     item("kiln", env!("CARGO_PKG_VERSION").to_string());
