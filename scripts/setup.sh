@@ -68,6 +68,10 @@ PACKAGES=(
 	zsh
 	fish
 	systemd-container
+	# node status tests: promtool and a Prometheus server, headless Chromium, ping
+	prometheus
+	chromium
+	iputils-ping
 )
 
 # sushy-tools (PyPI) is the Redfish BMC emulator the power tests drive (its fake driver needs no libvirt). It

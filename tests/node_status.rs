@@ -487,22 +487,25 @@ ipv4 = "{subnet}.42"
         .expect("starting QEMU");
     let started = Instant::now();
     let node_ip = format!("{subnet}.42");
-    // The node's network is up when it answers pings (stamped with unix times); its agent must be heard within
-    // two heartbeats of that.
+    // The node's network is up when it answers pings (stamped with unix times) once its kernel runs kiln's /init
+    // (iPXE answers pings on the same address before); its agent must be heard within two heartbeats of that.
     let pings = d.join("ping.log");
     net.spawn(&ns, &["ping", "-D", "-n", "-i", "0.2", "-W", "1", &node_ip], &[], &pings, &d.join("ping.err"));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut up_row = None;
+        let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let (mut up_row, mut init_at) = (None, None);
         let deadline = Duration::from_secs(600);
         while started.elapsed() < deadline && up_row.is_none() {
             if let Ok(Some(status)) = vm.try_wait() {
                 panic!("QEMU exited ({status}); console:\n{}", fs::read_to_string(&console).unwrap_or_default());
             }
+            if init_at.is_none() && fs::read_to_string(&console).unwrap_or_default().contains("kiln: starting") {
+                init_at = Some(unix_now());
+            }
             let rows = status(d, &store);
             let r = row(&rows, "n042");
             if r["state"] == "up" {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-                up_row = Some((now, r.clone()));
+                up_row = Some((unix_now(), r.clone()));
             } else {
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -511,12 +514,14 @@ ipv4 = "{subnet}.42"
             panic!("n042 never came up; console:\n{}", fs::read_to_string(&console).unwrap_or_default())
         });
         eprintln!("{tag}: n042 up {:.1} s after QEMU started: {r}", started.elapsed().as_secs_f64());
+        let init_at = init_at.expect("kiln's /init never said it started the image's init");
         // "[1700000000.123456] 64 bytes from 10.213.10.42: ..."
         let first_reply = fs::read_to_string(&pings)
             .unwrap_or_default()
             .lines()
-            .find(|l| l.contains("bytes from"))
-            .and_then(|l| l.strip_prefix('[')?.split(']').next()?.parse::<f64>().ok())
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse::<f64>().ok())
+            .find(|t| *t > init_at)
             .expect("n042 is up and never answered a ping");
         let took = up_at - first_reply;
         eprintln!("{tag}: up in kiln node status {took:.1} s after its first answer to a ping");

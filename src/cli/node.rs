@@ -261,11 +261,13 @@ pub fn run(cmd: NodeCommand) -> Result<ExitCode> {
                 Ok(())
             };
             show(true)?;
-            while watch {
-                std::thread::sleep(std::time::Duration::from_secs(2));
-                // The server may be restarting: say so and keep watching.
-                if let Err(e) = show(false) {
-                    eprintln!("kiln node status: {e:#}");
+            if watch {
+                // Until interrupted (Ctrl-C). The server may be restarting: say so and keep watching.
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    if let Err(e) = show(false) {
+                        eprintln!("kiln node status: {e:#}");
+                    }
                 }
             }
         }

@@ -5,7 +5,8 @@
 //! (reported every 10 s like the others, and in `/metrics`):
 //!
 //! 1. the MAC is a node of the recipe (else 404; `heartbeat_malformed`);
-//! 2. it comes from that node's own address: its reservation or its active DHCP lease (else 403;
+//! 2. it comes from that node's own address: its reservation, its active DHCP lease, or where kiln served its
+//!    overlay in its last boot (sites where another DHCP server gives the addresses, proxy DHCP) (else 403;
 //!    `heartbeat_foreign`): MACs are easy to guess, addresses on the provisioning network are not so easy to take;
 //! 3. that node sent at most `heartbeat_max_per_interval` of them in the current interval (else 429;
 //!    `heartbeat_max_per_interval`), so the state it lives in is written at a bounded rate;
@@ -146,7 +147,12 @@ pub fn handle(site: &Site, shared: &Shared, mac: &str, client: IpAddr, body: &[u
         malformed();
         return Answer::refused(404, "Not Found", format!("{mac} is not a node of this site\n"));
     };
-    if !super::http::is_node_address(site, shared.state.as_deref(), mac, client) {
+    let Some(tracker) = &shared.status else {
+        return Answer::refused(503, "Service Unavailable", "this server keeps no node status\n".into());
+    };
+    let own = super::http::is_node_address(site, shared.state.as_deref(), mac, client)
+        || tracker.overlay_address(mac).is_some_and(|a| super::http::same_address(a, client));
+    if !own {
         limits.limit("heartbeat_foreign", 0, "heartbeats from another address than the node's refused").refuse();
         return Answer::refused(
             403,
@@ -154,9 +160,6 @@ pub fn handle(site: &Site, shared: &Shared, mac: &str, client: IpAddr, body: &[u
             format!("heartbeats of {} ({mac}) are accepted only from its own address; {client} is not\n", node.name),
         );
     }
-    let Some(tracker) = &shared.status else {
-        return Answer::refused(503, "Service Unavailable", "this server keeps no node status\n".into());
-    };
     let interval = Duration::from_secs(settings.interval);
     if !tracker.admit(mac, settings.max_per_interval, interval, Instant::now()) {
         limits

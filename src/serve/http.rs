@@ -340,6 +340,9 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
         return match site.overlays.get(&mac) {
             Some(bytes) => {
                 event(mac, "overlay", format!("{} bytes", bytes.len()));
+                if let Some(status) = &shared.status {
+                    status.overlay_served(mac, canonical(client));
+                }
                 let (body, len) = match &shared.agent {
                     Some(agent) => (Body::Pair(bytes.clone(), agent.clone()), bytes.len() + agent.len()),
                     None => (Body::Bytes(bytes.clone()), bytes.len()),
@@ -522,6 +525,11 @@ fn route_label(site: &Site, path: &str) -> &'static str {
         p if site.boot_files.by_name(p.trim_start_matches('/')).is_some() => "boot_file",
         _ => "other",
     }
+}
+
+/// Whether two client addresses are the same machine's (an IPv4 address seen through an IPv6 socket is).
+pub(super) fn same_address(a: IpAddr, b: IpAddr) -> bool {
+    canonical(a) == canonical(b)
 }
 
 /// An IPv4 client seen through an IPv6 socket is still an IPv4 client.

@@ -168,6 +168,11 @@ async fn serve(
     state_dir: PathBuf,
 ) -> Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Before anything listens: a client that sees the server up may signal it at once.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let agent = load_agent();
     let listeners = Listeners::of(&site);
     let bind = Ipv4Addr::UNSPECIFIED;
     let http = tokio::net::TcpListener::bind(SocketAddr::from((bind, listeners.http_port)))
@@ -188,7 +193,6 @@ async fn serve(
     let socket = state_dir.join(super::control::SOCKET);
     let control = super::control::bind(&socket);
     super::metrics::started(crate::util::unix_now());
-    let agent = load_agent();
 
     let limits = Limits::default();
     let queue = site.server.event_queue.unwrap_or(EVENT_QUEUE).max(1);
@@ -238,9 +242,6 @@ async fn serve(
     // systemd (Type=notify): READY=1 now that every server is started, STOPPING=1 once shutdown begins.
     tasks.spawn(crate::util::notify::ready_until_stopped(stop_rx.clone()));
 
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     // One reload at a time; a SIGHUP during one asks for another once it is done.
     let (reload_tx, mut reload_rx) = mpsc::channel::<Result<Site>>(1);
     let (mut reloading, mut again) = (false, false);

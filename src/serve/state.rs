@@ -718,6 +718,40 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_are_kept_one_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let beat = |mac: Mac, received: u64| {
+            Record::Heartbeat(Heartbeat {
+                mac,
+                received,
+                from: "10.0.0.5".parse().unwrap(),
+                report: Report {
+                    event: "up".into(),
+                    uptime: 12.5,
+                    load: [0.5, 0.25, 0.0],
+                    mem_total: 100,
+                    mem_available: 40,
+                    kernel: "6.1".into(),
+                    image: String::new(),
+                    boot_id: "b".into(),
+                    agent: "0.1.0".into(),
+                },
+            })
+        };
+        {
+            let state = State::open(dir.path()).unwrap();
+            state.record(&[beat(A, 10), beat(B, 11), beat(A, 40)]).unwrap();
+        }
+        let state = State::open(dir.path()).unwrap();
+        let mut kept: Vec<(Mac, u64)> = state.heartbeats().unwrap().iter().map(|h| (h.mac, h.received)).collect();
+        kept.sort();
+        assert_eq!(kept, [(A, 40), (B, 11)], "one heartbeat per node, the last");
+        assert_eq!(state.heartbeats().unwrap()[0].report.load, [0.5, 0.25, 0.0]);
+        assert_eq!(state.forget_heartbeats(|mac| mac == A).unwrap(), 1);
+        assert_eq!(state.heartbeats().unwrap().len(), 1);
+    }
+
+    #[test]
     fn one_holder_per_address_and_release() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();

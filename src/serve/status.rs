@@ -282,13 +282,30 @@ fn unknown_status(state: &State, nodes: &[Node], now: u64) -> Result<Vec<NodeSta
 pub struct Tracker {
     seen: Mutex<HashMap<Mac, Seen>>,
     windows: Mutex<HashMap<Mac, (Instant, u32)>>,
+    /// Where each node's overlay went last: its address in its last boot, where kiln leased none (proxy DHCP).
+    overlay_to: Mutex<HashMap<Mac, IpAddr>>,
     recorder: Option<Recorder>,
 }
 
 impl Tracker {
     /// A tracker that starts from `seen` and writes heartbeats to the state through `recorder`.
     pub fn new(seen: HashMap<Mac, Seen>, recorder: Option<Recorder>) -> Tracker {
-        Tracker { seen: Mutex::new(seen), windows: Mutex::new(HashMap::new()), recorder }
+        Tracker {
+            seen: Mutex::new(seen),
+            windows: Mutex::new(HashMap::new()),
+            overlay_to: Mutex::new(HashMap::new()),
+            recorder,
+        }
+    }
+
+    /// Node `mac`'s overlay was served to `client`.
+    pub fn overlay_served(&self, mac: Mac, client: IpAddr) {
+        self.overlay_to.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, client);
+    }
+
+    /// Where node `mac`'s overlay went last, if it went anywhere since the server started.
+    pub fn overlay_address(&self, mac: Mac) -> Option<IpAddr> {
+        self.overlay_to.lock().unwrap_or_else(|e| e.into_inner()).get(&mac).copied()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Mac, Seen>> {
@@ -345,6 +362,7 @@ impl Tracker {
     pub fn retain(&self, keep: impl Fn(Mac) -> bool) {
         self.lock().retain(|mac, _| keep(*mac));
         self.windows.lock().unwrap_or_else(|e| e.into_inner()).retain(|mac, _| keep(*mac));
+        self.overlay_to.lock().unwrap_or_else(|e| e.into_inner()).retain(|mac, _| keep(*mac));
     }
 
     /// A copy of what was heard.
