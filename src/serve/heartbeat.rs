@@ -21,11 +21,13 @@
 //! kernel unpacks concatenated archives one after the other), so nothing is needed from the image and the
 //! per-node overlays stay a few kilobytes in memory. kiln's init shim (`bundle::INIT_SHIM`) starts it in the
 //! background before it execs the image's init. A dynamically linked `kiln-node` is refused: nodes run it on
-//! images that may have no C library, or another one.
+//! images that may have no C library, or another one. Nodes whose image is built for another architecture
+//! than `kiln-node` get no agent (their status stops at `booting`).
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -214,11 +216,19 @@ pub fn short_digest(digest: &str) -> String {
     digest.chars().take("sha256:".len() + 12).collect()
 }
 
-/// The agent as an initrd segment: `kiln-node` at [`AGENT_PATH`] in a gzip'd newc archive (gzip: every kernel
-/// unpacks it). Refuses a binary that is not a static executable.
-pub fn agent_archive(binary: &Path) -> Result<Vec<u8>> {
+/// The agent, packed for nodes.
+#[derive(Debug)]
+pub struct Agent {
+    /// The initrd segment: `kiln-node` at [`AGENT_PATH`] in a gzip'd newc archive (gzip: every kernel unpacks it).
+    pub archive: Arc<Vec<u8>>,
+    /// The architecture it runs on, as Linux names it (`x86_64`, `aarch64`), like a bundle's manifest.
+    pub arch: &'static str,
+}
+
+/// Packs `binary` for nodes. Refuses a binary that is not a static executable.
+pub fn agent_archive(binary: &Path) -> Result<Agent> {
     let head = read_head(binary)?;
-    check_static(&head).with_context(|| {
+    let arch = check_static(&head).with_context(|| {
         format!("{}: build kiln-node with scripts/build-node.sh (a static executable)", binary.display())
     })?;
     let mut tree = NewcTree::default();
@@ -226,7 +236,8 @@ pub fn agent_archive(binary: &Path) -> Result<Vec<u8>> {
     let comp = Compressor::new(Vec::new(), Compression::Gzip, 6, 1)?;
     let (mut comp, _) = tree.write(comp, 0)?;
     comp.flush()?;
-    comp.finish().with_context(|| format!("packing {}", binary.display()))
+    let archive = comp.finish().with_context(|| format!("packing {}", binary.display()))?;
+    Ok(Agent { archive: Arc::new(archive), arch })
 }
 
 fn read_head(path: &Path) -> Result<Vec<u8>> {
@@ -239,8 +250,8 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Checks that `head` (the first bytes of a file) is a 64-bit little-endian ELF executable with no program
-/// interpreter, i.e. linked statically.
-pub fn check_static(head: &[u8]) -> Result<()> {
+/// interpreter, i.e. linked statically, for x86_64 or aarch64; returns which.
+pub fn check_static(head: &[u8]) -> Result<&'static str> {
     if head.len() < 64 || &head[..4] != b"\x7fELF" {
         bail!("not an ELF executable");
     }
@@ -248,6 +259,11 @@ pub fn check_static(head: &[u8]) -> Result<()> {
         bail!("not a 64-bit little-endian ELF executable");
     }
     let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]) as usize;
+    let arch = match u16_at(0x12) {
+        62 => "x86_64",
+        183 => "aarch64",
+        other => bail!("an executable for machine type {other}, neither x86_64 nor aarch64"),
+    };
     let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().expect("8 bytes")) as usize;
     let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
     for i in 0..phnum {
@@ -258,7 +274,7 @@ pub fn check_static(head: &[u8]) -> Result<()> {
             bail!("it is dynamically linked (it names a program interpreter)");
         }
     }
-    Ok(())
+    Ok(arch)
 }
 
 #[cfg(test)]
@@ -322,7 +338,7 @@ mod tests {
                 head[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
             }
         }
-        check_static(&head).unwrap();
+        assert_eq!(check_static(&head).unwrap(), std::env::consts::ARCH);
         assert_eq!(short_digest(&format!("sha256:{}", "0123456789abcdef".repeat(4))), "sha256:0123456789ab");
     }
 }

@@ -87,8 +87,9 @@ pub struct Shared {
     pub limits: Limits,
     /// What the server heard of its nodes; `None`: heartbeats are refused and the page shows no status.
     pub status: Option<Arc<Tracker>>,
-    /// The agent's initrd segment, appended to every overlay ([`super::heartbeat::agent_archive`]).
-    pub agent: Option<Arc<Vec<u8>>>,
+    /// The agent, appended to the overlay of every node whose image is for its architecture
+    /// ([`super::heartbeat::agent_archive`]).
+    pub agent: Option<Arc<super::heartbeat::Agent>>,
 }
 
 impl Shared {
@@ -343,8 +344,13 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
                 if let Some(status) = &shared.status {
                     status.overlay_served(mac, canonical(client));
                 }
-                let (body, len) = match &shared.agent {
-                    Some(agent) => (Body::Pair(bytes.clone(), agent.clone()), bytes.len() + agent.len()),
+                let runs = |arch: &str| {
+                    site.node(mac).and_then(|n| site.bundles.get(&n.image)).is_some_and(|b| b.arch == arch)
+                };
+                let (body, len) = match shared.agent.as_ref().filter(|a| runs(a.arch)) {
+                    Some(agent) => {
+                        (Body::Pair(bytes.clone(), agent.archive.clone()), bytes.len() + agent.archive.len())
+                    }
                     None => (Body::Bytes(bytes.clone()), bytes.len()),
                 };
                 Response {

@@ -313,16 +313,18 @@ async fn serve(
 
 /// The agent's initrd segment that goes out with every overlay, packed once from `kiln-node`; without it the
 /// server still serves, and says what nodes will lack.
-fn load_agent() -> Option<Arc<Vec<u8>>> {
+fn load_agent() -> Option<Arc<super::heartbeat::Agent>> {
     let packed = crate::util::node_binary().and_then(|path| Ok((super::heartbeat::agent_archive(&path)?, path)));
     match packed {
-        Ok((archive, path)) => {
+        Ok((agent, path)) => {
             println!(
-                "kiln serve: node agent {} ({} with every overlay)",
+                "kiln serve: node agent {} ({}, {} with the overlay of every {} node)",
                 path.display(),
-                crate::util::human_size(archive.len() as u64)
+                agent.arch,
+                crate::util::human_size(agent.archive.len() as u64),
+                agent.arch
             );
-            Some(Arc::new(archive))
+            Some(Arc::new(agent))
         }
         Err(e) => {
             eprintln!(
