@@ -172,7 +172,6 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let agent = load_agent();
     let listeners = Listeners::of(&site);
     let bind = Ipv4Addr::UNSPECIFIED;
     let http = tokio::net::TcpListener::bind(SocketAddr::from((bind, listeners.http_port)))
@@ -193,6 +192,8 @@ async fn serve(
     let socket = state_dir.join(super::control::SOCKET);
     let control = super::control::bind(&socket);
     super::metrics::started(crate::util::unix_now());
+    // Clients that connect meanwhile wait in the listeners' backlogs.
+    let agent = load_agent();
 
     let limits = Limits::default();
     let queue = site.server.event_queue.unwrap_or(EVENT_QUEUE).max(1);
