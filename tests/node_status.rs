@@ -180,7 +180,7 @@ cmdline = "console=ttyS0"
 [server]
 address = "{subnet}.1/24"
 dhcp = "off"
-heartbeat = 1
+heartbeat = 2
 
 [node.n001]
 mac = "52:54:00:00:00:01"
@@ -245,7 +245,7 @@ ipv4 = "{subnet}.12"
     let members = newc_members(&unpacked);
     let member = |name: &str| members.iter().find(|(n, _)| n == name).map(|(_, b)| b.clone());
     let env = String::from_utf8(member("etc/kiln/node.env").expect("node.env in the overlay")).unwrap();
-    assert!(env.contains(&format!("KILN_SERVER_URL='{base}'\nKILN_HEARTBEAT='1'\n")), "{env}");
+    assert!(env.contains(&format!("KILN_SERVER_URL='{base}'\nKILN_HEARTBEAT='2'\n")), "{env}");
     let image_hex = sha256_hex(&fs::canonicalize(store.join("roots/image-tiny")).unwrap().join("image"));
     assert!(env.contains(&format!("KILN_IMAGE_DIGEST='sha256:{image_hex}'")), "{env}");
     let carried = member("usr/lib/kiln/kiln-node").expect("the agent in the overlay");
@@ -324,7 +324,7 @@ ipv4 = "{subnet}.12"
     let events = kiln_ok(d, &store, &["node", "events", "--mac", "n001", "--json"]);
     assert_eq!(events.matches("\"kind\": \"up\"").count(), 1, "{events}");
 
-    // Too many from the node itself: refused beyond heartbeat_max_per_interval (4) in one interval (1 s).
+    // Too many from the node itself: refused beyond heartbeat_max_per_interval (4) in one interval (2 s).
     let urls: Vec<&str> = std::iter::repeat_n(n001_url.as_str(), 8).collect();
     let codes = curl(
         &node,
