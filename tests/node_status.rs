@@ -321,6 +321,19 @@ ipv4 = "{subnet}.12"
     let after = status(d, &store);
     assert_eq!(unchanged(&after), before, "a refused heartbeat changed the status");
     assert_eq!(row(&after, "n002")["state"], "off");
+    // A machine that is not a node shows with --unknown only.
+    curl(&stranger, &[&format!("{base}/ipxe/52:54:00:99:99:99")]);
+    let listed = poll(Duration::from_secs(10), || {
+        let out = kiln_ok(d, &store, &["node", "status", "--json", "--unknown"]);
+        let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+        rows.into_iter().find(|r| r["mac"] == "52:54:00:99:99:99")
+    })
+    .expect("the stranger is not listed with --unknown");
+    assert_eq!(
+        (&listed["node"], listed["state"].as_str(), listed["stage"].as_str()),
+        (&Value::Null, Some("unknown"), Some("script"))
+    );
+    assert_eq!(status(d, &store).len(), 2, "without --unknown, nodes only");
     let events = kiln_ok(d, &store, &["node", "events", "--mac", "n001", "--json"]);
     assert_eq!(events.matches("\"kind\": \"up\"").count(), 1, "{events}");
 
