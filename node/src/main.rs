@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+mod loader;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // Multi-call: invoked by a job's name (a symlink) or as `kiln-node JOB ARGS`.
@@ -22,6 +24,9 @@ fn main() -> ExitCode {
             println!("kiln-node {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        "loader" => loader::main(rest),
+        // A two-stage initramfs runs it as /init.
+        _ if invoked == "init" => loader::main(&args[1..]),
         _ => {
             let _ = rest;
             eprintln!("kiln-node: unknown job {job:?}; usage: kiln-node --version");

@@ -3,6 +3,7 @@
 //! - [`site`]: what is served, resolved from the recipe and the store (nodes, verified bundles, firmware files
 //!   from [`firmware`], overlays from [`overlay`], per-node iPXE scripts); rebuilt whole on reload;
 //! - [`dhcp`], [`tftp`], [`http`]: the three protocols, each with pure decisions and a thin socket loop;
+//! - [`loader`]: the steps two-stage loaders report over HTTP;
 //! - [`state`]: leases, discovered machines and boot events on disk; [`control`]: the socket other kiln
 //!   commands ask while the server holds that state;
 //! - [`mod@run`]: starts everything, reloads on SIGHUP, keeps the boot log.
@@ -14,6 +15,7 @@ mod dhcp_glue;
 pub mod firmware;
 pub mod http;
 pub mod limits;
+pub mod loader;
 pub mod overlay;
 pub mod run;
 pub mod site;
