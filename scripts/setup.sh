@@ -43,6 +43,7 @@ PACKAGES=(
 	bc
 	ipxe
 	dnsmasq-base
+	squashfs-tools
 	nginx-light
 	tftpd-hpa
 	iptables

@@ -2,6 +2,7 @@
 //! and kiln build find it with `kiln::util::node_binary`; `scripts/build-node.sh` builds it.
 
 mod agent;
+mod loader;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         "agent" => agent::main(rest),
+        "loader" => loader::main(rest),
+        // A two-stage initramfs runs it as /init.
+        _ if invoked == "init" => loader::main(&args[1..]),
         _ => {
             let _ = rest;
             eprintln!("kiln-node: unknown job {job:?}; usage: kiln-node --version");

@@ -144,8 +144,15 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
     wanted.sort();
     wanted.dedup();
     let built = build::build_recipe(store, loaded, &wanted, opts)?;
-    let by_name: BTreeMap<&str, &build::Built> = built.iter().map(|b| (b.name.as_str(), b)).collect();
-    let appliance = by_name[app.image.as_str()];
+    // By store root: an image its nodes boot both ways is built (and carried) twice.
+    let by_root: BTreeMap<String, &build::Built> = built.iter().map(|b| (b.root(), b)).collect();
+    let appliance = *by_root.get(app.image.as_str()).with_context(|| {
+        format!(
+            "{file}: [appliance] image {:?} is built two-stage only, and the appliance boots it the initrd way: \
+             leave `boot` out of [image.{}]",
+            app.image, app.image
+        )
+    })?;
     // The appliance runs this kiln binary on its own kernel; the nodes it serves may be of any
     // architecture kiln builds (their bundles are only files to it).
     let here = std::env::consts::ARCH;
@@ -163,8 +170,7 @@ pub fn build(store: &Store, loaded: &LoadedRecipe, opts: &BuildOptions) -> Resul
 
     let mut tree = NewcTree::default();
     // The store subset: each served bundle, checked against its manifest.
-    for name in &served {
-        let b = by_name[name.as_str()];
+    for (name, b) in by_root.iter().filter(|(_, b)| served.contains(&b.name)) {
         let problems = verify_output(&b.path);
         if let Some(p) = problems.first() {
             bail!("{}: {} (rebuild it with `kiln build`)", p.path.display(), p.problem);

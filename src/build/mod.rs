@@ -15,12 +15,12 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bundle::{self, BundleSpec, KernelEntry, Manifest, SourceEntry};
+use crate::bundle::{self, two_stage, BundleSpec, KernelEntry, Manifest, SourceEntry};
 use crate::distribute::Substituters;
 use crate::image::{self, FetchOptions, ResolvedImage, Source};
-use crate::recipe::{LoadedRecipe, Lock, LockedImage};
+use crate::recipe::{BootMode, LoadedRecipe, Lock, LockedImage};
 use crate::store::{self, RootKind, Store, FORMAT_VERSION};
-use crate::util::{FileDigest, Progress};
+use crate::util::{ByteProgress, FileDigest, Progress};
 
 /// What one build produced.
 #[derive(Debug, Serialize)]
@@ -34,6 +34,14 @@ pub struct Built {
     /// The substituter it was fetched from instead of being built.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub substituted: Option<String>,
+}
+
+impl Built {
+    /// The name of its root in the store (`image-` + this): the image's name for an initrd bundle,
+    /// `NAME.two-stage` for a two-stage one.
+    pub fn root(&self) -> String {
+        two_stage::root_name(&self.name, self.manifest.boot)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -98,6 +106,8 @@ struct Plan {
     arch: String,
     /// The recipe's command line, else the default for the architecture.
     cmdline: String,
+    /// two-stage: the kiln-node the loader is (checked for the architecture).
+    loader: Option<PathBuf>,
 }
 
 fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
@@ -107,7 +117,14 @@ fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
     };
     let arch = image::kernel_arch(&id.arch).to_string();
     let cmdline = spec.cmdline.clone().unwrap_or_else(|| bundle::default_cmdline(&arch).to_string());
-    let inputs = json!({
+    let loader = if spec.boot == BootMode::TwoStage {
+        let loader = crate::util::node_binary()?;
+        two_stage::check_loader_arch(&loader, &arch)?;
+        Some(loader)
+    } else {
+        None
+    };
+    let mut inputs = json!({
         "kind": "bundle",
         "format": FORMAT_VERSION,
         "name": spec.name,
@@ -125,14 +142,25 @@ fn plan(spec: &BundleSpec, id: &Identity, sde: Option<i64>) -> Result<Plan> {
         "source_date_epoch": sde,
         "init_shim": bundle::init_shim_digest().to_string(),
     });
-    Ok(Plan { hash: store::input_hash(&inputs), sde, arch, cmdline })
+    if let Some(loader) = &loader {
+        // A new loader rebuilds two-stage bundles; initrd bundles keep the inputs they always had.
+        let digest = FileDigest::of_file(loader)?;
+        inputs["boot"] = json!(spec.boot.to_string());
+        inputs["two_stage"] = json!({
+            "format": two_stage::TWO_STAGE_FORMAT,
+            "image_format": two_stage::IMAGE_FORMAT,
+            "loader": digest.sha256,
+        });
+    }
+    Ok(Plan { hash: store::input_hash(&inputs), sde, arch, cmdline, loader })
 }
 
 /// The output for `plan` from the store or, failing that, from a substituter (verified against the hash).
 fn found(store: &Store, spec: &BundleSpec, plan: &Plan, subs: &Substituters) -> Result<Option<Built>> {
     let name = &spec.name;
+    let root = two_stage::root_name(name, spec.boot);
     if let Some(path) = store.lookup(&plan.hash, name) {
-        store.add_root(RootKind::Image, name, &path)?;
+        store.add_root(RootKind::Image, &root, &path)?;
         let manifest = Manifest::read(&path)?;
         return Ok(Some(Built { name: name.clone(), path, manifest, cached: true, substituted: None }));
     }
@@ -141,7 +169,7 @@ fn found(store: &Store, spec: &BundleSpec, plan: &Plan, subs: &Substituters) -> 
     if manifest.recipe_hash != plan.hash || manifest.name != *name {
         bail!("internal: {} was committed under another name or hash", got.path.display());
     }
-    store.add_root(RootKind::Image, name, &got.path)?;
+    store.add_root(RootKind::Image, &root, &got.path)?;
     crate::util::say(format!(
         "kiln: [image.{name}] substituted from {} ({}), not built",
         got.from,
@@ -208,29 +236,29 @@ fn build_planned(
         progress.step(format!("pulling {} layer(s) of {source}", resolved.layer_count()));
         resolved.pull(&spool, &progress.bytes()).with_context(|| format!("pulling {source}"))?;
     }
-    progress.step(format!("reading {} layer(s) of {source}", resolved.layer_count()));
-    let tree = resolved.merged_tree(&spool, threads, &progress.bytes()).with_context(|| format!("reading {source}"))?;
+    let image_path = pending.dir().join("image");
+    let initramfs_path = pending.dir().join("initramfs");
+    let (tree, image) = write_image(&mut progress, spec, resolved, &exclude, sde, threads, &spool, &image_path)
+        .with_context(|| format!("reading {source}"))?;
     progress.step("finding the kernel");
     let found = bundle::kernel::find(&tree, &spec.kernel).with_context(|| format!("finding the kernel in {source}"))?;
     let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
-    progress.step(format!(
-        "writing image ({} entries, {} level {})",
-        tree.nodes.len(),
-        spec.compression.name(),
-        spec.level
-    ));
-    let image_info = bundle::write_image(
-        &tree,
-        &exclude,
-        sde,
-        spec.compression,
-        spec.level,
-        threads,
-        &pending.dir().join("image"),
-        "image",
-        &progress.bytes(),
-    )?;
-    let initramfs = bundle::write_initramfs(sde, spec.compression, spec.level, &pending.dir().join("initramfs"))?;
+    let (initrds, image_file, image_entry, loader_entry) = match (image, &plan.loader) {
+        (WrittenImage::Squashfs(image), Some(loader)) => {
+            two_stage::check_kernel_config(&tree, &found, spec.compression)?;
+            progress.step("writing the loader's initramfs (kiln-node and kernel modules)");
+            let (initramfs, loader) =
+                two_stage::write_initramfs(&tree, &found, loader, sde, spec.compression, spec.level, &initramfs_path)?;
+            let file = FileDigest { sha256: image.sha256.clone(), size: image.size };
+            (vec![initramfs], file, Some(image), Some(loader))
+        }
+        (WrittenImage::Cpio(image_info), _) => {
+            let initramfs = bundle::write_initramfs(sde, spec.compression, spec.level, &initramfs_path)?;
+            let file = FileDigest { sha256: image_info.sha256.clone(), size: image_info.size };
+            (vec![initramfs, image_info], file, None, None)
+        }
+        (WrittenImage::Squashfs(_), None) => bail!("internal: a squashfs image without a loader"),
+    };
     let has_modules = ["lib/modules/", "usr/lib/modules/"]
         .iter()
         .any(|d| tree.nodes.contains_key(format!("{d}{}", found.version).as_bytes()));
@@ -239,8 +267,8 @@ fn build_planned(
     let entry = |sha256: &str, size: u64| FileDigest { sha256: sha256.to_string(), size };
     let files = [
         (bundle::manifest::KERNEL.to_string(), kernel.clone()),
-        (bundle::manifest::INITRAMFS.to_string(), entry(&initramfs.sha256, initramfs.size)),
-        (bundle::manifest::IMAGE.to_string(), entry(&image_info.sha256, image_info.size)),
+        (bundle::manifest::INITRAMFS.to_string(), entry(&initrds[0].sha256, initrds[0].size)),
+        (bundle::manifest::IMAGE.to_string(), image_file),
     ];
     let manifest = Manifest {
         schema: bundle::manifest::SCHEMA,
@@ -255,7 +283,10 @@ fn build_planned(
             size: kernel.size,
             modules: has_modules,
         },
-        initrds: vec![initramfs, image_info],
+        initrds,
+        boot: spec.boot,
+        image: image_entry,
+        loader: loader_entry,
         cmdline: plan.cmdline.clone(),
         source: SourceEntry { reference, transport: source.transport().to_string(), digest: digest.to_string() },
         recipe_hash: hash.clone(),
@@ -266,9 +297,121 @@ fn build_planned(
     store::write_manifest(pending.dir(), &manifest)?;
     progress.step("committing to the store");
     let path = store.commit(pending, &hash, &spec.name)?;
-    store.add_root(RootKind::Image, &spec.name, &path)?;
+    store.add_root(RootKind::Image, &two_stage::root_name(&spec.name, spec.boot), &path)?;
     progress.done(path.display());
     Ok(Built { name: spec.name.clone(), path, manifest, cached: false, substituted: None })
+}
+
+/// The bundle's `image`, as its boot path wants it.
+enum WrittenImage {
+    Cpio(bundle::ArchiveInfo),
+    Squashfs(two_stage::ImageEntry),
+}
+
+/// Files the build reads again after the image is written (the kernel; for two-stage, modules and firmware):
+/// a streamed layer keeps their bytes.
+fn read_again(path: &[u8], spec: &BundleSpec) -> bool {
+    if path.starts_with(b"boot/") {
+        return true;
+    }
+    if let bundle::KernelSpec::Path(p) = &spec.kernel {
+        if path == p.trim_start_matches('/').as_bytes() {
+            return true;
+        }
+    }
+    let modules = path.starts_with(b"lib/modules/") || path.starts_with(b"usr/lib/modules/");
+    if spec.boot == BootMode::Initrd {
+        return modules && path.ends_with(b"/vmlinuz");
+    }
+    modules || path.starts_with(b"lib/firmware/") || path.starts_with(b"usr/lib/firmware/")
+}
+
+/// Reads the image and writes the bundle's `image`: while its one layer is read when it has one
+/// ([`bundle::streamed`]), else from the merged tree of all its layers.
+#[allow(clippy::too_many_arguments)]
+fn write_image(
+    progress: &mut Progress,
+    spec: &BundleSpec,
+    resolved: ResolvedImage,
+    exclude: &globset::GlobSet,
+    sde: i64,
+    threads: usize,
+    spool: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<(crate::image::tree::Tree, WrittenImage)> {
+    let two_stage = spec.boot == BootMode::TwoStage;
+    let what = if two_stage { "squashfs, " } else { "" };
+    let layers = resolved.layer_count();
+    let keep = |p: &[u8]| read_again(p, spec);
+    let bytes: ByteProgress = progress.bytes();
+    // KILN_NO_STREAM=1 reads every image whole (the bytes are the same either way; tests compare them).
+    if layers == 1 && std::env::var_os("KILN_NO_STREAM").is_none() {
+        progress.step(format!(
+            "streaming the layer into the image ({what}{} level {})",
+            spec.compression.name(),
+            spec.level
+        ));
+        let streamed = if two_stage {
+            let mut sink = two_stage::SquashfsStream::new(out, exclude, sde, spec.compression, spec.level, threads)?;
+            match resolved.stream(spool, &keep, &bytes, &mut |t, p, d| sink.entry(t, p, d)) {
+                Some(Ok(tree)) => {
+                    let image = sink.finish(&tree, out, "image")?;
+                    Some(Ok((tree, WrittenImage::Squashfs(image))))
+                }
+                other => other.map(|r| r.map(|_| unreachable!("handled above"))),
+            }
+        } else {
+            let mut sink = bundle::streamed::CpioStream::new(out, exclude, sde, spec.compression, spec.level, threads)?;
+            match resolved.stream(spool, &keep, &bytes, &mut |t, p, d| sink.entry(t, p, d)) {
+                Some(Ok(tree)) => {
+                    let image = sink.finish(out, "image", spec.compression, spec.level)?;
+                    Some(Ok((tree, WrittenImage::Cpio(image))))
+                }
+                other => other.map(|r| r.map(|_| unreachable!("handled above"))),
+            }
+        };
+        match streamed {
+            Some(Ok(done)) => return Ok(done),
+            Some(Err(e)) if e.downcast_ref::<bundle::streamed::StreamAbort>().is_some() => {
+                progress.step(format!("{e}; reading it whole"));
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    progress.step(format!("reading {layers} layer(s)"));
+    let tree = resolved.merged_tree(spool, threads, &bytes)?;
+    progress.step(format!(
+        "writing image ({} entries, {what}{} level {})",
+        tree.nodes.len(),
+        spec.compression.name(),
+        spec.level
+    ));
+    let image = if two_stage {
+        WrittenImage::Squashfs(two_stage::write_image(
+            &tree,
+            exclude,
+            sde,
+            spec.compression,
+            spec.level,
+            threads,
+            out,
+            "image",
+        )?)
+    } else {
+        WrittenImage::Cpio(bundle::write_image(
+            &tree,
+            exclude,
+            sde,
+            spec.compression,
+            spec.level,
+            threads,
+            out,
+            "image",
+            &bytes,
+        )?)
+    };
+    Ok((tree, image))
 }
 
 /// Builds `--from SOURCE --name NAME`, outside any recipe.
@@ -290,6 +433,8 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
         bail!("{} declares no [image.NAME] tables: nothing to build", loaded.path.display());
     }
     let specs = BundleSpec::all(loaded)?;
+    // Nodes may boot an image another way than the image says; without nodes there is nothing to ask.
+    let nodes = if recipe.node.is_empty() { Vec::new() } else { loaded.nodes()? };
     let lock_path = loaded.lock_path();
     let mut lock = Lock::load(&lock_path)?;
     let before = toml::to_string(&lock).unwrap_or_default();
@@ -365,34 +510,47 @@ pub fn build_recipe(store: &Store, loaded: &LoadedRecipe, only: &[String], opts:
                 created: id.created,
             },
         );
-        let plan = plan(spec, &id, sde).with_context(ctx)?;
-        if let Some(b) = found(store, spec, &plan, &opts.substituters).with_context(ctx)? {
-            out.push(b);
-            continue;
+        // Each way its nodes boot it: the image's own, and any other a node or profile asks for.
+        let mut modes = vec![spec.boot];
+        for n in nodes.iter().filter(|n| &n.image == name) {
+            if let Some(b) = n.boot.filter(|b| !modes.contains(b)) {
+                modes.push(b);
+            }
         }
-        if opts.no_build {
-            bail!(
-                "{}: the bundle ({}) is neither in the store nor in a substituter; push it from where it was built \
-                 (kiln push), or build it here (kiln build)",
-                ctx(),
-                store.path_for(&plan.hash, name).display()
-            );
+        for boot in modes {
+            let spec = &BundleSpec { boot, ..spec.clone() };
+            let plan = plan(spec, &id, sde).with_context(ctx)?;
+            if let Some(b) = found(store, spec, &plan, &opts.substituters).with_context(ctx)? {
+                out.push(b);
+                continue;
+            }
+            if opts.no_build {
+                bail!(
+                    "{}: the bundle ({}) is neither in the store nor in a substituter; push it from where it was \
+                     built (kiln push), or build it here (kiln build)",
+                    ctx(),
+                    store.path_for(&plan.hash, name).display()
+                );
+            }
+            // A second boot mode reads the image again.
+            let resolved = match resolved.take() {
+                Some(r) => r,
+                None => {
+                    image::resolve(&source, &fetch).with_context(|| format!("{}: resolving {}", ctx(), img.from))?
+                }
+            };
+            if Identity::of(&resolved) != id {
+                bail!(
+                    "{}: {} is not the image {} records (digest {}); run `kiln build --update` to pin it again",
+                    ctx(),
+                    img.from,
+                    lock_path.display(),
+                    id.digest
+                );
+            }
+            let built = build_planned(store, spec, resolved, &plan, opts.threads).with_context(ctx)?;
+            out.push(built);
         }
-        let resolved = match resolved {
-            Some(r) => r,
-            None => image::resolve(&source, &fetch).with_context(|| format!("{}: resolving {}", ctx(), img.from))?,
-        };
-        if Identity::of(&resolved) != id {
-            bail!(
-                "{}: {} is not the image {} records (digest {}); run `kiln build --update` to pin it again",
-                ctx(),
-                img.from,
-                lock_path.display(),
-                id.digest
-            );
-        }
-        let built = build_planned(store, spec, resolved, &plan, opts.threads).with_context(ctx)?;
-        out.push(built);
     }
     if toml::to_string(&lock).unwrap_or_default() != before {
         lock.save(&lock_path)?;

@@ -82,7 +82,7 @@ pub fn outputs(store: &Store, loaded: &LoadedRecipe, scope: Scope, only: &[Strin
     if !images.is_empty() {
         let opts = BuildOptions { no_build: true, locked: true, ..Default::default() };
         for b in build_recipe(store, loaded, &images, &opts)? {
-            out.push(SiteOutput { root: format!("image-{}", b.name), path: b.path });
+            out.push(SiteOutput { root: format!("image-{}", b.root()), path: b.path });
         }
     }
     for name in ipxe_names(loaded, scope).into_iter().filter(wanted) {
@@ -170,7 +170,7 @@ pub fn pull(
         };
         for b in build_recipe(store, loaded, &images, &opts)? {
             let from = b.substituted.clone().unwrap_or_else(|| "store".into());
-            out.push(Pulled { root: format!("image-{}", b.name), path: b.path, from });
+            out.push(Pulled { root: format!("image-{}", b.root()), path: b.path, from });
         }
     }
     for name in ipxe_names(loaded, scope) {

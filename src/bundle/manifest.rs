@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::two_stage::{ImageEntry, LoaderEntry};
 use super::ArchiveInfo;
+use crate::recipe::BootMode;
 use crate::util::FileDigest;
 
 /// The `schema` a manifest written by this kiln carries.
@@ -29,8 +31,17 @@ pub struct Manifest {
     /// The kernel's architecture as Linux names it (`x86_64`, `aarch64`).
     pub arch: String,
     pub kernel: KernelEntry,
-    /// What a node loads after the kernel, in order: `initramfs`, then `image`.
+    /// What a node loads after the kernel, in order: `initramfs`, then `image` (two-stage: `initramfs` only).
     pub initrds: Vec<ArchiveInfo>,
+    /// How nodes boot it; absent means `initrd` (manifests from before two-stage boot have no such field).
+    #[serde(default, skip_serializing_if = "BootMode::is_initrd")]
+    pub boot: BootMode,
+    /// two-stage: the image the loader fetches, verifies and mounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageEntry>,
+    /// two-stage: the loader `initramfs` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader: Option<LoaderEntry>,
     /// The kernel command line the bundle boots with (nodes append their own).
     pub cmdline: String,
     pub source: SourceEntry,

@@ -1,14 +1,17 @@
 //! Boot bundles: kernel discovery, the init shim, the `image` and `initramfs` archives, and the
 //! manifest ([`Manifest`]).
 //!
-//! A bundle directory holds `kernel`, `initramfs`, `image` and `manifest.json`. A node boots
-//! `kernel` with `initramfs` then `image` as initrds; the kernel unpacks both into one rootfs
-//! (concatenating the two files works too) and runs `/init`, the shim in [`INIT_SHIM`].
+//! A bundle directory holds `kernel`, `initramfs`, `image` and `manifest.json`. On the `initrd` boot path a
+//! node boots `kernel` with `initramfs` then `image` as initrds; the kernel unpacks both into one rootfs
+//! (concatenating the two files works too) and runs `/init`, the shim in [`INIT_SHIM`]. On the `two-stage`
+//! path ([`two_stage`]) `initramfs` is kiln's loader and `image` a squashfs the loader fetches and mounts.
 
 pub mod kernel;
 pub mod manifest;
+pub mod streamed;
+pub mod two_stage;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
@@ -18,9 +21,9 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter, NewcTree};
-use crate::image::tree::{group_sizes, show, Kind, Tree};
+use crate::image::tree::{group_sizes, show, Kind, Node, Tree};
 use crate::image::Source;
-use crate::recipe::{ImageRecipe, LoadedRecipe};
+use crate::recipe::{BootMode, ImageRecipe, LoadedRecipe};
 use crate::util::{ByteProgress, Digest, FileDigest, HashingWriter};
 
 pub use kernel::{FoundKernel, KernelSpec};
@@ -79,6 +82,7 @@ pub struct BundleSpec {
     pub compression: Compression,
     pub level: i32,
     pub exclude: Vec<String>,
+    pub boot: BootMode,
 }
 
 /// The kernel command line of an x86_64 bundle whose recipe sets none.
@@ -115,6 +119,7 @@ impl BundleSpec {
             compression,
             level,
             exclude: img.exclude.clone(),
+            boot: img.boot.unwrap_or_default(),
         })
     }
 
@@ -157,6 +162,17 @@ pub fn exclude_set(patterns: &[String]) -> Result<GlobSet> {
     Ok(b.build()?)
 }
 
+/// The tree's paths that survive the exclude patterns (a dropped directory takes its subtree along), in
+/// bytewise order.
+pub(crate) fn kept_entries<'t>(tree: &'t Tree, exclude: &GlobSet) -> Vec<(&'t [u8], &'t Node)> {
+    let mut filter = streamed::ExcludeFilter::new(exclude);
+    tree.nodes
+        .iter()
+        .filter(|(path, node)| !filter.excluded(path, node.kind == Kind::Dir))
+        .map(|(path, node)| (path.as_slice(), node))
+        .collect()
+}
+
 /// Writes the merged tree as a compressed newc archive; returns its digest and numbers. The file contents read
 /// are counted in `bytes`.
 #[allow(clippy::too_many_arguments)]
@@ -174,27 +190,7 @@ pub fn write_image(
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let comp = Compressor::new(HashingWriter::new(f), compression, level, threads)?;
     let mut cpio = CpioWriter::new(BufWriter::with_capacity(1 << 20, comp));
-
-    // Which paths survive the exclude patterns (a dropped directory takes its subtree along).
-    let mut dropped_dirs: HashSet<&[u8]> = HashSet::new();
-    let mut kept = Vec::with_capacity(tree.nodes.len());
-    let mut abs = Vec::with_capacity(256);
-    for (path, node) in &tree.nodes {
-        if !path.is_empty() && !exclude.is_empty() {
-            let under_dropped = path.iter().enumerate().any(|(i, &b)| b == b'/' && dropped_dirs.contains(&path[..i]));
-            abs.clear();
-            abs.push(b'/');
-            abs.extend_from_slice(path);
-            let excluded = under_dropped || exclude.is_match(std::str::from_utf8(&abs).unwrap_or_default());
-            if excluded {
-                if node.kind == Kind::Dir {
-                    dropped_dirs.insert(path);
-                }
-                continue;
-            }
-        }
-        kept.push((path, node));
-    }
+    let kept = kept_entries(tree, exclude);
     let groups = group_sizes(kept.iter().map(|(_, n)| *n));
     let content: HashMap<u32, u64> = kept
         .iter()
@@ -269,7 +265,7 @@ pub fn write_image(
     finish_archive(cpio, out, file_name, compression, level, kept.len() as u64 + 1)
 }
 
-fn finish_archive(
+pub(crate) fn finish_archive(
     cpio: CpioWriter<BufWriter<Compressor<HashingWriter<File>>>>,
     out: &Path,
     file_name: &str,
@@ -281,7 +277,7 @@ fn finish_archive(
     finish_compressed(buf, uncompressed_size, out, file_name, compression, level, entries)
 }
 
-fn finish_compressed(
+pub(crate) fn finish_compressed(
     buf: BufWriter<Compressor<HashingWriter<File>>>,
     uncompressed_size: u64,
     out: &Path,

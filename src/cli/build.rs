@@ -67,6 +67,9 @@ pub struct BuildArgs {
     /// Registry credentials file (containers-auth.json format).
     #[arg(long)]
     pub authfile: Option<PathBuf>,
+    /// With --from: how nodes boot it, initrd or two-stage (docs/bundles.md).
+    #[arg(long, default_value = "initrd")]
+    pub boot: String,
     /// Worker threads (default: all cores; KILN_THREADS also sets it). Outputs do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -120,6 +123,7 @@ pub fn run(args: BuildArgs) -> Result<ExitCode> {
             compression,
             level,
             exclude: args.exclude.clone(),
+            boot: args.boot.parse().context("--boot")?,
         };
         let store = args.store.open()?;
         if !args.substituter.is_empty() {

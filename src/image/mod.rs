@@ -15,6 +15,7 @@ mod config;
 mod layout;
 mod registry;
 mod rootfs;
+pub mod stream;
 pub mod tree;
 
 use std::fmt;
@@ -318,6 +319,22 @@ impl ResolvedImage {
             Content::Dir(dir) => return rootfs::tree_from_dir(&dir),
         };
         tree::Tree::from_layers(&layers, spool_dir, threads, bytes)
+    }
+
+    /// Reads a one-layer image as a stream ([`stream::stream_layer`]), counting the layer bytes read in `bytes`;
+    /// `None` when the image has several layers, is a directory (those are read whole first,
+    /// [`ResolvedImage::merged_tree`]) or is still in its registry ([`ResolvedImage::pull`] it first).
+    pub fn stream(
+        &self,
+        spool_dir: &Path,
+        keep: &dyn Fn(&[u8]) -> bool,
+        bytes: &ByteProgress,
+        on_entry: &mut stream::OnEntry<'_>,
+    ) -> Option<Result<tree::Tree>> {
+        match &self.content {
+            Content::Layers(l) if l.len() == 1 => Some(stream::stream_layer(&l[0], spool_dir, keep, bytes, on_entry)),
+            _ => None,
+        }
     }
 
     pub fn layer_count(&self) -> usize {

@@ -48,6 +48,10 @@ pub enum Kind {
     Fifo,
 }
 
+/// The data file of a regular file whose bytes went straight into the output as its layer was read
+/// ([`crate::image::stream`]): they cannot be read again.
+pub const STREAMED_FILE: u32 = u32::MAX;
+
 /// Where a regular file's bytes are: `offset` within one of the tree's data files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataRef {
@@ -110,8 +114,8 @@ type ScannedLayer = (Vec<RawEntry>, DataFile);
 /// One tar entry as read from a layer, before merging.
 #[derive(Debug)]
 pub(crate) struct RawEntry {
-    path: Vec<u8>,
-    kind: RawKind,
+    pub(crate) path: Vec<u8>,
+    pub(crate) kind: RawKind,
     mode: u32,
     uid: u32,
     gid: u32,
@@ -119,7 +123,7 @@ pub(crate) struct RawEntry {
 }
 
 #[derive(Debug)]
-enum RawKind {
+pub(crate) enum RawKind {
     Dir,
     File { offset: u64, size: u64 },
     HardLink(Vec<u8>),
@@ -191,59 +195,75 @@ impl Tree {
 
     fn apply(&mut self, layer: u32, entries: Vec<RawEntry>, file: u32) -> Result<()> {
         for e in entries {
-            let name = e.path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
-            let parent = parent_of(&e.path);
-            self.ensure_parents(&e.path, layer, e.mtime)?;
-            if name == b".wh..wh..opq" {
-                self.remove_below(parent, layer);
-                continue;
-            }
-            if name.starts_with(b".wh..wh.") {
-                continue;
-            }
-            if let Some(hidden) = name.strip_prefix(b".wh.") {
-                let mut target = parent.to_vec();
-                if !target.is_empty() {
-                    target.push(b'/');
-                }
-                target.extend_from_slice(hidden);
-                if self.nodes.get(&target).is_some_and(|n| n.layer < layer) {
-                    self.nodes.remove(&target);
-                }
-                self.remove_below(&target, layer);
-                continue;
-            }
-            let kind = match e.kind {
-                RawKind::Dir => Kind::Dir,
-                RawKind::File { offset, size } => {
-                    Kind::File { data: DataRef { file, offset }, size, group: self.new_group() }
-                }
-                RawKind::HardLink(target) => {
-                    let target = normalize(&target).with_context(|| format!("hardlink /{}", show(&e.path)))?;
-                    match self.nodes.get(&target) {
-                        Some(n @ Node { kind: Kind::File { .. }, .. }) => {
-                            // A hardlink is the same inode: it takes the target's metadata too.
-                            let mut linked = n.clone();
-                            linked.layer = layer;
-                            self.replace(e.path, linked);
-                            continue;
-                        }
-                        Some(_) => bail!(
-                            "hardlink /{} points to /{}, which is not a regular file",
-                            show(&e.path),
-                            show(&target)
-                        ),
-                        None => bail!("hardlink /{} points to /{}, which does not exist", show(&e.path), show(&target)),
-                    }
-                }
-                RawKind::Symlink(t) => Kind::Symlink(t),
-                RawKind::Char(major, minor) => Kind::Char { major, minor },
-                RawKind::Block(major, minor) => Kind::Block { major, minor },
-                RawKind::Fifo => Kind::Fifo,
-            };
-            let node = Node { kind, mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime, layer };
-            self.replace(e.path, node);
+            self.apply_entry(layer, e, file, None, &mut Vec::new())?;
         }
+        Ok(())
+    }
+
+    /// Applies one entry; `touched` gets the paths it created or replaced, in order (parent directories a
+    /// layer left out first). A regular file's data is at its offset in the layer, in data file `file`, unless
+    /// `data_at` says where it is.
+    pub(crate) fn apply_entry(
+        &mut self,
+        layer: u32,
+        e: RawEntry,
+        file: u32,
+        data_at: Option<DataRef>,
+        touched: &mut Vec<Vec<u8>>,
+    ) -> Result<()> {
+        let name = e.path.rsplit(|&b| b == b'/').next().unwrap_or(&[]);
+        let parent = parent_of(&e.path);
+        self.ensure_parents(&e.path, layer, e.mtime, touched)?;
+        if name == b".wh..wh..opq" {
+            self.remove_below(parent, layer);
+            return Ok(());
+        }
+        if name.starts_with(b".wh..wh.") {
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(b".wh.") {
+            let mut target = parent.to_vec();
+            if !target.is_empty() {
+                target.push(b'/');
+            }
+            target.extend_from_slice(hidden);
+            if self.nodes.get(&target).is_some_and(|n| n.layer < layer) {
+                self.nodes.remove(&target);
+            }
+            self.remove_below(&target, layer);
+            return Ok(());
+        }
+        let kind = match e.kind {
+            RawKind::Dir => Kind::Dir,
+            RawKind::File { offset, size } => {
+                let data = data_at.unwrap_or(DataRef { file, offset });
+                Kind::File { data, size, group: self.new_group() }
+            }
+            RawKind::HardLink(target) => {
+                let target = normalize(&target).with_context(|| format!("hardlink /{}", show(&e.path)))?;
+                match self.nodes.get(&target) {
+                    Some(n @ Node { kind: Kind::File { .. }, .. }) => {
+                        // A hardlink is the same inode: it takes the target's metadata too.
+                        let mut linked = n.clone();
+                        linked.layer = layer;
+                        touched.push(e.path.clone());
+                        self.replace(e.path, linked);
+                        return Ok(());
+                    }
+                    Some(_) => {
+                        bail!("hardlink /{} points to /{}, which is not a regular file", show(&e.path), show(&target))
+                    }
+                    None => bail!("hardlink /{} points to /{}, which does not exist", show(&e.path), show(&target)),
+                }
+            }
+            RawKind::Symlink(t) => Kind::Symlink(t),
+            RawKind::Char(major, minor) => Kind::Char { major, minor },
+            RawKind::Block(major, minor) => Kind::Block { major, minor },
+            RawKind::Fifo => Kind::Fifo,
+        };
+        let node = Node { kind, mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime, layer };
+        touched.push(e.path.clone());
+        self.replace(e.path, node);
         Ok(())
     }
 
@@ -257,8 +277,8 @@ impl Tree {
         self.nodes.insert(path, node);
     }
 
-    /// Checks that every ancestor of `path` is a directory, creating missing ones.
-    fn ensure_parents(&mut self, path: &[u8], layer: u32, mtime: i64) -> Result<()> {
+    /// Checks that every ancestor of `path` is a directory, creating missing ones (noted in `touched`).
+    fn ensure_parents(&mut self, path: &[u8], layer: u32, mtime: i64, touched: &mut Vec<Vec<u8>>) -> Result<()> {
         for (i, &b) in path.iter().enumerate() {
             if b != b'/' {
                 continue;
@@ -267,6 +287,7 @@ impl Tree {
             match self.nodes.get(prefix) {
                 None => {
                     self.nodes.insert(prefix.to_vec(), Node::synthesized_dir(layer, mtime));
+                    touched.push(prefix.to_vec());
                 }
                 Some(Node { kind: Kind::Dir, .. }) => {}
                 Some(Node { kind: Kind::Symlink(t), .. }) => bail!(
@@ -318,6 +339,9 @@ impl Tree {
                 let full = root.join(OsStr::from_bytes(path));
                 let f = File::open(&full).with_context(|| format!("opening {}", full.display()))?;
                 Ok(Box::new(f.take(size)))
+            }
+            None if data.file == STREAMED_FILE => {
+                bail!("internal: /{} was written as its layer streamed and cannot be read again", show(path))
             }
             None => bail!("internal: no data file {}", data.file),
         }
@@ -389,13 +413,13 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-enum Compression {
+pub(crate) enum Compression {
     Gzip,
     Zstd,
     Plain,
 }
 
-fn sniff(head: &[u8]) -> Compression {
+pub(crate) fn sniff(head: &[u8]) -> Compression {
     if head.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -478,7 +502,7 @@ fn read_tar<R: Read>(r: R, out: &mut Vec<RawEntry>) -> Result<()> {
     Ok(())
 }
 
-fn raw_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<RawEntry>> {
+pub(crate) fn raw_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<RawEntry>> {
     use tar::EntryType as T;
     let raw_path = entry.path_bytes().into_owned();
     let etype = entry.header().entry_type();

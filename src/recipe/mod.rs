@@ -28,6 +28,43 @@ pub use server::{
     UnknownPolicy,
 };
 
+/// How a node boots a bundle: `initrd` (the kernel unpacks the image from RAM; the default) or `two-stage`
+/// (kiln's loader fetches the image itself, verifies it, mounts it and switches to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum BootMode {
+    #[default]
+    Initrd,
+    TwoStage,
+}
+
+impl BootMode {
+    pub fn is_initrd(&self) -> bool {
+        *self == BootMode::Initrd
+    }
+}
+
+impl std::fmt::Display for BootMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootMode::Initrd => "initrd",
+            BootMode::TwoStage => "two-stage",
+        })
+    }
+}
+
+impl std::str::FromStr for BootMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "initrd" => Ok(BootMode::Initrd),
+            "two-stage" => Ok(BootMode::TwoStage),
+            _ => bail!("invalid boot {s:?}: expected \"initrd\" or \"two-stage\""),
+        }
+    }
+}
+
+crate::serde_as_text!(BootMode);
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -73,6 +110,9 @@ pub struct ImageRecipe {
     /// A directory of overlay templates for the nodes booting this image (`kiln serve`).
     #[serde(default)]
     pub overlay: Option<PathBuf>,
+    /// How nodes boot it unless their profile or node table says otherwise (default `initrd`).
+    #[serde(default)]
+    pub boot: Option<BootMode>,
 }
 
 /// A recipe and where it was read from.

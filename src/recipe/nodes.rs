@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::server::{BmcProtocol, BmcRecipe, NodeRecipe, ProfileRecipe, ServerRecipe};
+use super::BootMode;
 use crate::net::Mac;
 
 /// A node with its profile applied.
@@ -30,6 +31,11 @@ pub struct Node {
     /// The node's BMC (its `bmc` over its profile's), when it has an address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bmc: Option<Bmc>,
+    /// The node's or its profile's `boot`; `None`: the image's.
+    pub boot: Option<BootMode>,
+    /// The disk a two-stage loader installs the image to.
+    pub disk: Option<String>,
+    pub disk_wipe: bool,
 }
 
 /// A node's BMC with its profile's settings applied. Holds no password, only where to read one.
@@ -224,6 +230,11 @@ pub fn resolve_nodes(
         tags.extend(n.tags.clone());
         let profile_bmc = n.profile.as_deref().zip(profile.and_then(|p| p.bmc.as_ref()));
         let bmc = resolve_bmc(n.bmc.as_ref(), profile_bmc).with_context(ctx)?;
+        let disk = match n.disk.clone().or_else(|| profile.and_then(|p| p.disk.clone())) {
+            Some(d) if d.is_empty() => None,
+            Some(d) => Some(check_disk(&d).with_context(|| format!("{}: disk", ctx()))?),
+            None => None,
+        };
         let node = Node {
             name: name.clone(),
             mac: n.mac,
@@ -237,6 +248,9 @@ pub fn resolve_nodes(
             tags,
             ssh_authorized_keys: keys,
             bmc,
+            boot: n.boot.or(profile.and_then(|p| p.boot)),
+            disk,
+            disk_wipe: n.disk_wipe.or(profile.and_then(|p| p.disk_wipe)).unwrap_or(false),
         };
         if let Some(other) = out.iter().find(|o| o.mac == node.mac) {
             bail!("{}: MAC {} is also used by [node.{}]", ctx(), node.mac, other.name);
@@ -252,6 +266,16 @@ pub fn resolve_nodes(
         out.push(node);
     }
     Ok(out)
+}
+
+/// A disk as the loader names it: a device under `/dev` (`/dev/sda`, `/dev/nvme0n1`, `/dev/vda`). The loader runs
+/// without udev, so `/dev/disk/by-*` links do not exist there.
+fn check_disk(d: &str) -> Result<String> {
+    let name = d.strip_prefix("/dev/").unwrap_or_default();
+    if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        bail!("{d:?} is not a disk device: use its kernel name under /dev, e.g. \"/dev/sda\" or \"/dev/nvme0n1\"");
+    }
+    Ok(d.to_string())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
+use super::BootMode;
 use crate::net::{Ipv4Cidr, Mac, Pool, Subnet};
 
 /// What kind of DHCP service the boot server gives.
@@ -242,6 +243,12 @@ pub struct ProfileRecipe {
     pub ssh_authorized_keys: Vec<String>,
     /// BMC settings shared by the profile's nodes (everything but `address`).
     pub bmc: Option<BmcRecipe>,
+    /// Overrides the image's `boot`.
+    pub boot: Option<BootMode>,
+    /// two-stage: the local disk the loader installs the image to and boots it from (e.g. `/dev/sda`).
+    pub disk: Option<String>,
+    /// Lets the loader overwrite a `disk` that holds data kiln did not write.
+    pub disk_wipe: Option<bool>,
 }
 
 /// `[node.NAME]`.
@@ -264,6 +271,11 @@ pub struct NodeRecipe {
     pub ssh_authorized_keys: Vec<String>,
     /// The node's BMC, over the profile's settings.
     pub bmc: Option<BmcRecipe>,
+    /// Overrides the profile's and the image's `boot`.
+    pub boot: Option<BootMode>,
+    /// Overrides the profile's `disk`; `""` for none.
+    pub disk: Option<String>,
+    pub disk_wipe: Option<bool>,
 }
 
 /// `[ipxe.NAME]`: an iPXE build (`kiln build-ipxe`).

@@ -6,6 +6,8 @@
 //!   `-n`), a strong ETag (the digest), `If-None-Match`, `Cache-Control: immutable`, and the body
 //!   sent with `sendfile(2)`, so file bytes never pass through user space;
 //! - `GET /overlay/{mac}`: the node's overlay;
+//! - `GET /loader/{mac}?step=…&detail=…`: a two-stage loader's report of a step ([`super::loader`]), from the
+//!   machine's own address only;
 //! - `GET /healthz`;
 //! - `GET /{boot file}` (`/snponly.efi`, `/arm64/snponly.efi`, `/undionly.kpxe`): the firmware files,
 //!   for UEFI HTTP boot clients;
@@ -366,6 +368,21 @@ fn route(site: &Site, req: &Request, client: IpAddr, shared: &Shared) -> Respons
                 }
             }
             None => Response::text(404, "Not Found", format!("{mac} is not a known node\n")),
+        };
+    }
+    if let Some(m) = path.strip_prefix("/loader/") {
+        let Ok(mac) = m.parse::<Mac>() else {
+            return Response::text(400, "Bad Request", format!("{m:?} is not a MAC address\n"));
+        };
+        if !overlay_allowed(site, shared.state.as_deref(), mac, client) {
+            return Response::text(403, "Forbidden", format!("{client} is not the address of {mac}\n"));
+        }
+        return match super::loader::parse_report(req.path.split_once('?').map(|(_, q)| q).unwrap_or("")) {
+            Ok(detail) => {
+                event(mac, "loader", detail);
+                Response::text(200, "OK", "ok\n".into())
+            }
+            Err(why) => Response::text(400, "Bad Request", format!("{why}\n")),
         };
     }
     if let Some(hex) = path.strip_prefix("/blob/sha256/") {

@@ -3,6 +3,7 @@
 //! - [`site`]: what is served, resolved from the recipe and the store (nodes, verified bundles, firmware files
 //!   from [`firmware`], overlays from [`overlay`], per-node iPXE scripts); rebuilt whole on reload;
 //! - [`dhcp`], [`tftp`], [`http`]: the three protocols, each with pure decisions and a thin socket loop;
+//! - [`loader`]: the steps two-stage loaders report over HTTP;
 //! - [`state`]: leases, discovered machines and boot events on disk; [`control`]: the socket other kiln
 //!   commands ask while the server holds that state;
 //! - [`status`]: what each node is doing (off, booting, up, lost), from its boot events and the heartbeats of
@@ -17,6 +18,7 @@ pub mod firmware;
 pub mod heartbeat;
 pub mod http;
 pub mod limits;
+pub mod loader;
 pub mod metrics;
 pub mod overlay;
 pub mod page;

@@ -198,6 +198,9 @@ mod tests {
             tags: vec![],
             ssh_authorized_keys: vec!["ssh-ed25519 AAAA test".into()],
             bmc: None,
+            boot: None,
+            disk: None,
+            disk_wipe: false,
         }
     }
 

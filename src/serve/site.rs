@@ -19,9 +19,9 @@ use super::firmware::BootFiles;
 use super::http::HttpLimits;
 use super::overlay;
 use super::state::StateLimits;
-use crate::bundle::{self, Manifest};
+use crate::bundle::{self, two_stage, Manifest};
 use crate::net::{Mac, Subnet};
-use crate::recipe::{DhcpMode, LoadedRecipe, Node, ServerRecipe, UnknownPolicy};
+use crate::recipe::{BootMode, DhcpMode, LoadedRecipe, Node, ServerRecipe, UnknownPolicy};
 use crate::store::{verify_output, RootKind, Store};
 
 /// A file served by digest.
@@ -44,6 +44,9 @@ pub struct Bundle {
     pub cmdline: String,
     /// The kernel's architecture as Linux names it (`x86_64`, `aarch64`), from the manifest.
     pub arch: String,
+    pub boot: BootMode,
+    /// The image's size (the two-stage loader checks it).
+    pub image_size: u64,
 }
 
 /// A script for one machine, and what went wrong when it cannot boot.
@@ -83,7 +86,12 @@ pub struct Site {
     pub http_port: u16,
     pub nodes: Vec<Node>,
     by_mac: HashMap<Mac, usize>,
+    /// By store root name: the image's name (initrd) or `NAME.two-stage` (`bundle::two_stage::root_name`).
     pub bundles: BTreeMap<String, Bundle>,
+    /// Each node's bundle (its root name), by index in `nodes`.
+    node_bundle: Vec<String>,
+    /// How unknown machines boot the `unknown = "boot:IMAGE"` image (the image's own `boot`).
+    unknown_bundle: Option<String>,
     pub blobs: HashMap<String, Blob>,
     pub overlays: HashMap<Mac, Arc<Vec<u8>>>,
     pub boot_files: BootFiles,
@@ -97,25 +105,43 @@ impl Site {
         let cidr =
             server.address.with_context(|| format!("{file}: [server] needs `address` (e.g. \"10.4.0.1/24\")"))?;
         let prefix = cidr.prefix.unwrap_or(24);
-        bundle::BundleSpec::all(loaded)?;
+        let specs = bundle::BundleSpec::all(loaded)?;
         let nodes = loaded.nodes()?;
         let by_mac = nodes.iter().enumerate().map(|(i, n)| (n.mac, i)).collect();
+        let boot_of = |image: &str| specs.get(image).map(|s| s.boot).unwrap_or_default();
 
-        let mut wanted: Vec<(String, String)> =
-            nodes.iter().map(|n| (n.image.clone(), format!("[node.{}]", n.name))).collect();
+        let mut wanted: Vec<(String, BootMode, String)> = Vec::new();
+        let mut node_bundle = Vec::with_capacity(nodes.len());
+        for n in &nodes {
+            let boot = n.boot.unwrap_or_else(|| boot_of(&n.image));
+            if n.disk.is_some() && boot != BootMode::TwoStage {
+                bail!(
+                    "{file}: [node.{}] has a disk, which only the two-stage loader installs to: set boot = \"two-stage\" \
+                     (on the node, its profile or [image.{}])",
+                    n.name,
+                    n.image
+                );
+            }
+            node_bundle.push(two_stage::root_name(&n.image, boot));
+            wanted.push((n.image.clone(), boot, format!("[node.{}]", n.name)));
+        }
+        let mut unknown_bundle = None;
         if let UnknownPolicy::Boot(img) = &server.unknown {
-            wanted.push((img.clone(), "[server] unknown".into()));
+            unknown_bundle = Some(two_stage::root_name(img, boot_of(img)));
+            wanted.push((img.clone(), boot_of(img), "[server] unknown".into()));
         }
         let mut bundles = BTreeMap::new();
         let mut blobs = HashMap::new();
-        for (image, who) in wanted {
-            if bundles.contains_key(&image) {
+        for (image, boot, who) in wanted {
+            let root = two_stage::root_name(&image, boot);
+            if bundles.contains_key(&root) {
                 continue;
             }
             if !recipe.image.contains_key(&image) {
                 bail!("{file}: {who} uses image {image:?}, but there is no [image.{image}] to build it");
             }
-            let bundle = load_bundle(store, &image).with_context(|| format!("{file}: {who} uses image {image:?}"))?;
+            let bundle =
+                load_bundle(store, &image, boot).with_context(|| format!("{file}: {who} uses image {image:?}"))?;
             for (name, hex) in [
                 (bundle::manifest::KERNEL, &bundle.kernel),
                 (bundle::manifest::INITRAMFS, &bundle.initramfs),
@@ -123,9 +149,9 @@ impl Site {
             ] {
                 let path = bundle.path.join(name);
                 let size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
-                blobs.insert(hex.clone(), Blob { path, size, label: format!("{image}/{name}") });
+                blobs.insert(hex.clone(), Blob { path, size, label: format!("{root}/{name}") });
             }
-            bundles.insert(image.clone(), bundle);
+            bundles.insert(root, bundle);
         }
         let boot_files = BootFiles::load(&server, store, &file)?;
         super::heartbeat::Settings::check(&server).with_context(|| file.clone())?;
@@ -176,6 +202,8 @@ impl Site {
             nodes,
             by_mac,
             bundles,
+            node_bundle,
+            unknown_bundle,
             blobs,
             overlays,
             boot_files,
@@ -201,18 +229,21 @@ impl Site {
     /// that iPXE cannot tell, which boots as before.
     pub fn script(&self, mac: Mac, firmware: Option<&str>) -> Script {
         let base = self.base_url();
-        let (who, bundle, extra, overlay) = match self.node(mac) {
-            Some(node) => match self.bundles.get(&node.image) {
-                Some(b) => (format!("{} ({mac})", node.name), b, node.cmdline.as_str(), Some(mac)),
-                None => {
-                    return Script::ok(wait_script(&format!(
-                        "kiln: no bundle for image {} of {}",
-                        node.image, node.name
-                    )))
+        let (who, bundle, extra, node) = match self.by_mac.get(&mac) {
+            Some(&i) => {
+                let node = &self.nodes[i];
+                match self.bundles.get(&self.node_bundle[i]) {
+                    Some(b) => (format!("{} ({mac})", node.name), b, node.cmdline.as_str(), Some(node)),
+                    None => {
+                        return Script::ok(wait_script(&format!(
+                            "kiln: no bundle for image {} of {}",
+                            node.image, node.name
+                        )))
+                    }
                 }
-            },
+            }
             None => match &self.server.unknown {
-                UnknownPolicy::Boot(img) => match self.bundles.get(img) {
+                UnknownPolicy::Boot(img) => match self.unknown_bundle.as_ref().and_then(|r| self.bundles.get(r)) {
                     Some(b) => (format!("unknown machine {mac}"), b, "", None),
                     None => return Script::ok(wait_script(&format!("kiln: no bundle for image {img}"))),
                 },
@@ -223,6 +254,10 @@ impl Site {
                 }
             },
         };
+        let render = || match bundle.boot {
+            BootMode::TwoStage => two_stage_script(&base, &who, bundle, mac, node),
+            BootMode::Initrd => boot_script(&base, &who, bundle, extra, node.map(|_| mac)),
+        };
         let runs = firmware_runs(&bundle.arch);
         match firmware {
             Some(fw) if !fw.is_empty() && !runs.is_empty() && !runs.contains(&fw) => {
@@ -232,9 +267,9 @@ impl Site {
                 );
                 Script { text: mismatch_script(&who, &problem), mismatch: Some(problem) }
             }
-            Some(_) => Script::ok(boot_script(&base, &who, bundle, extra, overlay)),
+            Some(_) => Script::ok(render()),
             None => {
-                let mut text = boot_script(&base, &who, bundle, extra, overlay);
+                let mut text = render();
                 if !runs.is_empty() {
                     // Any other architecture (or an iPXE that does not know its own) asks again,
                     // saying what it is; the answer then boots or explains. Never a loop: that
@@ -286,6 +321,52 @@ pub fn boot_script(base: &str, who: &str, b: &Bundle, extra: &str, overlay: Opti
     s
 }
 
+/// Renders a two-stage boot script: the kernel with the loader (and the node's overlay, which the loader copies
+/// into the image), and on the command line what the loader needs: the image's URL, digest and size (from the
+/// manifest), where to report its steps, the node's MAC, static address, VLAN and disk.
+pub fn two_stage_script(base: &str, who: &str, b: &Bundle, mac: Mac, node: Option<&Node>) -> String {
+    let mut s = String::from("#!ipxe\n");
+    let _ = writeln!(s, "echo kiln: booting {who} with {} (two-stage)", b.name);
+    let mut args: Vec<String> = vec!["initrd=initramfs".into()];
+    if node.is_some() {
+        args.push("initrd=overlay".into());
+    }
+    args.push(b.cmdline.clone());
+    if let Some(n) = node {
+        args.push(n.cmdline.clone());
+    }
+    args.push(format!("kiln.image={base}/blob/sha256/{}", b.image));
+    args.push(format!("kiln.sha256={}", b.image));
+    args.push(format!("kiln.size={}", b.image_size));
+    args.push(format!("kiln.mac={mac}"));
+    args.push(format!("kiln.events={base}/loader/{mac}"));
+    if let Some(n) = node {
+        if let Some(ip) = n.ipv4 {
+            args.push(format!("kiln.ip={ip}/{}", n.prefix.unwrap_or(24)));
+            if let Some(gw) = n.gateway {
+                args.push(format!("kiln.gw={gw}"));
+            }
+        }
+        if let Some(vlan) = n.vlan {
+            args.push(format!("kiln.vlan={vlan}"));
+        }
+        if let Some(disk) = &n.disk {
+            args.push(format!("kiln.disk={disk}"));
+            if n.disk_wipe {
+                args.push("kiln.disk_wipe".into());
+            }
+        }
+    }
+    args.retain(|a| !a.is_empty());
+    let _ = writeln!(s, "kernel {base}/blob/sha256/{} {}", b.kernel, args.join(" "));
+    let _ = writeln!(s, "initrd --name initramfs {base}/blob/sha256/{}", b.initramfs);
+    if node.is_some() {
+        let _ = writeln!(s, "initrd --name overlay {base}/overlay/{mac}");
+    }
+    s.push_str("boot\n");
+    s
+}
+
 fn wait_script(msg: &str) -> String {
     format!("#!ipxe\necho {msg}\necho retrying in 30 seconds\nsleep 30\nreboot\n")
 }
@@ -299,15 +380,22 @@ fn mismatch_script(who: &str, problem: &str) -> String {
     )
 }
 
-fn load_bundle(store: &Store, image: &str) -> Result<Bundle> {
-    let path = store.root(RootKind::Image, image).with_context(|| {
-        format!("it has not been built into the store at {}: run `kiln build` first", store.dir().display())
+fn load_bundle(store: &Store, image: &str, boot: BootMode) -> Result<Bundle> {
+    let root = two_stage::root_name(image, boot);
+    let path = store.root(RootKind::Image, &root).with_context(|| {
+        format!(
+            "its {boot} bundle has not been built into the store at {}: run `kiln build` first",
+            store.dir().display()
+        )
     })?;
     let problems = verify_output(&path);
     if let Some(p) = problems.first() {
         bail!("{}: {} (rebuild it with `kiln build`)", p.path.display(), p.problem);
     }
     let m = Manifest::read(&path)?;
+    if m.boot != boot {
+        bail!("{} is a {} bundle, not {boot}: rebuild it with `kiln build`", path.display(), m.boot);
+    }
     let hex = |f: &str| -> Result<String> { Ok(m.file(f).with_context(|| path.display().to_string())?.sha256.clone()) };
     Ok(Bundle {
         name: image.to_string(),
@@ -316,6 +404,8 @@ fn load_bundle(store: &Store, image: &str) -> Result<Bundle> {
         image: hex(bundle::manifest::IMAGE)?,
         cmdline: m.cmdline.clone(),
         arch: m.arch.clone(),
+        boot: m.boot,
+        image_size: m.file(bundle::manifest::IMAGE)?.size,
         path,
     })
 }
@@ -334,6 +424,8 @@ mod tests {
             image: "m".repeat(64),
             cmdline: "console=ttyS0".into(),
             arch: "x86_64".into(),
+            boot: BootMode::Initrd,
+            image_size: 1,
         };
         let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
         let s = boot_script("http://10.4.0.1", "n001", &b, "quiet", Some(mac));
@@ -361,6 +453,9 @@ mod tests {
             tags: vec![],
             ssh_authorized_keys: vec![],
             bmc: None,
+            boot: None,
+            disk: None,
+            disk_wipe: false,
         };
         let bundle = Bundle {
             name: "compute".into(),
@@ -370,6 +465,8 @@ mod tests {
             image: "m".repeat(64),
             cmdline: String::new(),
             arch: arch.into(),
+            boot: BootMode::Initrd,
+            image_size: 1,
         };
         let site = Site {
             server: ServerRecipe::default(),
@@ -382,6 +479,8 @@ mod tests {
             nodes: vec![node],
             by_mac: [(mac, 0)].into_iter().collect(),
             bundles: [("compute".to_string(), bundle)].into_iter().collect(),
+            node_bundle: vec!["compute".into()],
+            unknown_bundle: None,
             blobs: HashMap::new(),
             overlays: HashMap::new(),
             boot_files: BootFiles::default(),
@@ -425,5 +524,54 @@ mod tests {
         assert!(site.script(mac, None).text.contains("iseq ${buildarch} x86_64 || iseq ${buildarch} i386 || chain"));
         assert_eq!(site.script(mac, Some("i386")).mismatch, None);
         assert!(site.script(mac, Some("arm64")).mismatch.unwrap().contains("firmware runs arm64 code"));
+    }
+
+    #[test]
+    fn two_stage_scripts_pass_what_the_loader_needs() {
+        let b = Bundle {
+            name: "compute".into(),
+            path: "/x".into(),
+            kernel: "k".repeat(64),
+            initramfs: "i".repeat(64),
+            image: "m".repeat(64),
+            cmdline: "console=ttyS0".into(),
+            boot: BootMode::TwoStage,
+            image_size: 123,
+            arch: "x86_64".into(),
+        };
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        let node = Node {
+            name: "n001".into(),
+            mac,
+            image: "compute".into(),
+            hostname: "n001".into(),
+            ipv4: Some("10.4.0.11".parse().unwrap()),
+            prefix: Some(24),
+            gateway: Some("10.4.0.254".parse().unwrap()),
+            cmdline: "quiet".into(),
+            vlan: Some(100),
+            tags: vec![],
+            ssh_authorized_keys: vec![],
+            bmc: None,
+            boot: None,
+            disk: Some("/dev/sda".into()),
+            disk_wipe: true,
+        };
+        let s = two_stage_script("http://10.4.0.1", "n001", &b, mac, Some(&node));
+        let m = "m".repeat(64);
+        assert!(
+            s.contains(&format!(
+                "kernel http://10.4.0.1/blob/sha256/{} initrd=initramfs initrd=overlay console=ttyS0 quiet \
+             kiln.image=http://10.4.0.1/blob/sha256/{m} kiln.sha256={m} kiln.size=123 kiln.mac=52:54:00:00:00:01 \
+             kiln.events=http://10.4.0.1/loader/52:54:00:00:00:01 kiln.ip=10.4.0.11/24 kiln.gw=10.4.0.254 \
+             kiln.vlan=100 kiln.disk=/dev/sda kiln.disk_wipe\n",
+                "k".repeat(64)
+            )),
+            "{s}"
+        );
+        assert!(!s.contains("initrd --name image"), "{s}");
+        assert!(s.contains("initrd --name overlay http://10.4.0.1/overlay/52:54:00:00:00:01\n"));
+        let unknown = two_stage_script("http://10.4.0.1", "unknown", &b, mac, None);
+        assert!(!unknown.contains("overlay") && !unknown.contains("kiln.ip="), "{unknown}");
     }
 }
