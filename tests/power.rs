@@ -528,6 +528,13 @@ fn ipmi_on_off_status_bootdev_pxe_wrong_password_and_console() {
     assert_eq!(bmc.file("boot"), "pxe");
     let param = String::from_utf8_lossy(&bmc.ipmitool(&["chassis", "bootparam", "get", "5"]).stdout).into_owned();
     assert!(param.contains("Force PXE") && param.contains("Options apply to only next boot"), "{param}");
+    // ipmi_sim carries out a cycle as "off" now and "on" from a timer about a second later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bmc.file("power") != "1" {
+        assert!(Instant::now() < deadline, "the cycled chassis did not come back on: calls {}", bmc.file("calls"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bmc.file("calls").ends_with("power 0\npower 1"), "a cycle is off then on: {}", bmc.file("calls"));
 
     let r = report(&kiln(w, &["power", "off", "i1", "--json"], &[]));
     assert_eq!(node(&r, "i1")["did"], "chassis power off");

@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::http::HttpEvent;
 use super::limits::Limits;
@@ -28,6 +28,11 @@ pub const EVENT_QUEUE: usize = 10_000;
 pub const LOG_LINES_PER_SECOND: u64 = 200;
 /// Most records one transaction writes.
 const WRITE_BATCH: usize = 1024;
+/// The writer makes what it wrote durable once no record has come for this long...
+const SYNC_WHEN_IDLE: Duration = Duration::from_secs(1);
+/// ...or, while records keep coming, once this long has passed since its last sync: a power cut loses at most
+/// the boot events of the last few seconds, and a storm costs one fsync per interval instead of one per batch.
+const SYNC_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
 
 /// The writer thread's queue. Cloning shares it; the thread ends when every clone is dropped.
 #[derive(Clone)]
@@ -58,7 +63,25 @@ impl Recorder {
 }
 
 fn write_loop(state: &State, rx: Receiver<Record>) {
-    while let Ok(first) = rx.recv() {
+    // When the oldest write not yet synced was made.
+    let mut unsynced: Option<Instant> = None;
+    let sync = |unsynced: &mut Option<Instant>| {
+        if unsynced.take().is_some() {
+            if let Err(e) = state.sync() {
+                super::metrics::error(super::metrics::ErrorKind::StateWrite);
+                tracing::warn!("{e:#}");
+            }
+        }
+    };
+    loop {
+        let first = match rx.recv_timeout(SYNC_WHEN_IDLE) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                sync(&mut unsynced);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = vec![first];
         while batch.len() < WRITE_BATCH {
             match rx.try_recv() {
@@ -66,11 +89,20 @@ fn write_loop(state: &State, rx: Receiver<Record>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = state.record(&batch) {
-            super::metrics::error(super::metrics::ErrorKind::StateWrite);
-            tracing::warn!("{e:#}");
+        match state.record(&batch) {
+            Ok(()) => {
+                unsynced.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                super::metrics::error(super::metrics::ErrorKind::StateWrite);
+                tracing::warn!("{e:#}");
+            }
+        }
+        if unsynced.is_some_and(|since| since.elapsed() >= SYNC_AT_LEAST_EVERY) {
+            sync(&mut unsynced);
         }
     }
+    sync(&mut unsynced);
 }
 
 /// The main loop's view of the boot log: attribution, the booted count, printing.

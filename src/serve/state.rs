@@ -437,8 +437,8 @@ impl State {
         self.record(&[Record::Event { mac, kind: kind.to_owned(), detail: detail.to_owned(), time: now }])
     }
 
-    /// Writes `records` in one transaction (eventual durability: they survive a restart of the process, a power
-    /// cut may lose the last few), dropping the oldest events and the stalest discovered machines beyond
+    /// Writes `records` in one transaction (eventual durability: they survive a restart of the process; a power
+    /// cut loses those written since the last [`State::sync`]), dropping the oldest events and the stalest discovered machines beyond
     /// [`StateLimits`].
     pub fn record(&self, records: &[Record]) -> Result<()> {
         if records.is_empty() {
@@ -574,6 +574,12 @@ impl State {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Makes every record written so far durable (one empty transaction with immediate durability: redb then
+    /// persists it and all eventual commits before it).
+    pub fn sync(&self) -> Result<()> {
+        self.write(Durability::Immediate, |_| Ok(()))
     }
 
     fn cache(&self) -> MutexGuard<'_, LeaseCache> {
