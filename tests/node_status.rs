@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::bmc;
 use common::*;
 use serde_json::Value;
 
@@ -164,8 +165,12 @@ fn newc_members(mut data: &[u8]) -> Vec<(String, Vec<u8>)> {
 const HEARTBEAT_BODY: &str = r#"{"event":"up","uptime":12.5,"load":[0.1,0.2,0.3],"mem_total":1000,"mem_available":500,"kernel":"6.1.0-x","image":"","boot_id":"aa-bb","agent":"0.1.0"}"#;
 
 #[test]
-fn heartbeats_come_only_from_the_node_and_garbage_changes_nothing() {
+fn heartbeats_come_only_from_the_node_and_garbage_changes_nothing_and_power_waits_for_them() {
     let agent = node_agent();
+    assert!(bmc::have_ipmi(), "{}", bmc::NO_IPMI);
+    // The nodes' BMCs (for `kiln power cycle --wait`), on the host's loopback.
+    let bmcs: Vec<bmc::IpmiBmc> =
+        (0..2).map(|_| bmc::IpmiBmc::start("127.0.0.1", bmc::free_udp_port("127.0.0.1"), "bmc-s3cret", None)).collect();
     let work = tempfile::tempdir().unwrap();
     let d = work.path();
     let store = d.join("store");
@@ -186,16 +191,21 @@ heartbeat = 2
 mac = "52:54:00:00:00:01"
 image = "tiny"
 ipv4 = "{subnet}.11"
+bmc = {{ protocol = "ipmi", address = "127.0.0.1:{bmc1}", user = "admin", password_file = "bmc.pass", cipher_suite = 3 }}
 
 [node.n002]
 mac = "52:54:00:00:00:02"
 image = "tiny"
 ipv4 = "{subnet}.12"
+bmc = {{ protocol = "ipmi", address = "127.0.0.1:{bmc2}", user = "admin", password_file = "bmc.pass", cipher_suite = 3 }}
 "#,
-            tiny().join("oci").display()
+            tiny().join("oci").display(),
+            bmc1 = bmcs[0].port,
+            bmc2 = bmcs[1].port,
         ),
     )
     .unwrap();
+    bmc::write_private(&d.join("bmc.pass"), "bmc-s3cret\n");
     kiln_ok(d, &store, &["build", "--quiet"]);
     let mut net = Net::new("hb", subnet, false);
     let node = net.peer(11);
@@ -386,17 +396,55 @@ ipv4 = "{subnet}.12"
     let n001 = row(&status(d, &store), "n001").clone();
     assert_eq!((n001["state"].as_str(), n001["stage"].as_str()), (Some("off"), Some("shutdown")), "{n001}");
 
+    // `kiln power cycle --wait`: returns when the nodes are up again from a boot after the cycle, or names those
+    // that are not. n001's agent reports a fresh boot once its BMC has cycled it; n002 never reports.
+    let (wait_out, wait_err) = (d.join("wait.json"), d.join("wait.err"));
+    let mut waiting = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["power", "cycle", "n001", "n002", "--wait", "--wait-timeout", "20", "--json"])
+        .current_dir(d)
+        .env("KILN_STORE", &store)
+        .stdout(fs::File::create(&wait_out).unwrap())
+        .stderr(fs::File::create(&wait_err).unwrap())
+        .spawn()
+        .unwrap();
+    let cycled =
+        poll(Duration::from_secs(20), || bmcs.iter().all(|b| b.file("calls").contains("power 1")).then_some(()));
+    assert!(cycled.is_some(), "the BMCs were not cycled: {}", fs::read_to_string(&wait_err).unwrap_or_default());
+    // A report from before the cycle's boot (uptime: an hour) does not count...
+    let stale = d.join("stale.json");
+    fs::write(&stale, HEARTBEAT_BODY.replace("12.5", "3600")).unwrap();
+    assert_eq!(code(&node, &["-X", "POST", "--data-binary", &format!("@{}", stale.display()), &n001_url]), "200");
+    // ...one from a boot after it does.
+    let fresh = d.join("fresh.json");
+    fs::write(&fresh, HEARTBEAT_BODY.replace("12.5", "0.5").replace("aa-bb", "cc-dd")).unwrap();
+    assert_eq!(code(&node, &["-X", "POST", "--data-binary", &format!("@{}", fresh.display()), &n001_url]), "200");
+    let ended = poll(Duration::from_secs(40), || waiting.try_wait().unwrap());
+    let said = fs::read_to_string(&wait_err).unwrap_or_default();
+    assert_eq!(ended.and_then(|s| s.code()), Some(1), "n002 never came up: {said}");
+    let doc: Value = serde_json::from_str(&fs::read_to_string(&wait_out).unwrap()).unwrap();
+    let up: Vec<&str> = doc["wait"]["up"].as_array().unwrap().iter().map(|u| u["node"].as_str().unwrap()).collect();
+    assert_eq!(up, ["n001"], "{doc}");
+    let not_up = &doc["wait"]["not_up"];
+    assert_eq!((not_up[0]["node"].as_str(), not_up[0]["state"].as_str()), (Some("n002"), Some("off")), "{doc}");
+    assert!(said.contains("n002: not up after 20 s: off") && said.contains("1 of 2 up"), "{said}");
+    // Nothing to wait on without a status to read: refused before any BMC is asked.
+    let calls = bmcs[0].file("calls");
+    let no_state = kiln_err(d, &store, &["power", "on", "n001", "--wait", "--state-dir", "/nonexistent/state"]);
+    assert!(no_state.contains("--wait reads the nodes' status from /nonexistent/state"), "{no_state}");
+    assert_eq!(bmcs[0].file("calls"), calls, "a BMC was asked although --wait could not read the status");
+
     // With the server stopped, the status is read from its state.
     sh(&format!("kill -TERM {server}"));
     let child = net.children.iter_mut().find(|c| c.id() == server).unwrap();
     let stopped = poll(Duration::from_secs(10), || child.try_wait().unwrap());
     assert!(stopped.is_some_and(|s| s.success()), "kiln serve did not stop: {stopped:?}");
     let offline = status(d, &store);
-    assert_eq!(row(&offline, "n001")["stage"], "shutdown");
+    // n001's last word was the heartbeat of its boot after the cycle.
+    assert_eq!(row(&offline, "n001")["stage"], "heartbeat");
     assert_eq!(row(&offline, "n002")["state"], "off");
     let table = kiln_ok(d, &store, &["node", "status", "n001"]);
     assert!(
-        table.starts_with("NODE") && table.contains("n001") && table.contains("shutdown") && !table.contains("n002"),
+        table.starts_with("NODE") && table.contains("n001") && table.contains("heartbeat") && !table.contains("n002"),
         "{table}"
     );
     let wrong = kiln_err(d, &store, &["node", "status", "n999"]);

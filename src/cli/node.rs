@@ -375,7 +375,7 @@ fn status_table(rows: &[NodeStatus], now: u64) -> String {
 }
 
 /// The state directory a node command reads, chosen as `kiln serve` chooses it ([`crate::serve::state_dir`]).
-fn state_dir_of(recipe: &Path, store: &StoreArg, given: Option<&Path>) -> Result<PathBuf> {
+pub(super) fn state_dir_of(recipe: &Path, store: &StoreArg, given: Option<&Path>) -> Result<PathBuf> {
     let loaded = if given.is_none() && recipe.exists() { Some(LoadedRecipe::load(recipe)?) } else { None };
     let server = loaded.as_ref().and_then(|l| l.recipe.server.as_ref());
     Ok(crate::serve::state_dir(given, server, &store.root()))

@@ -4,13 +4,16 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
+use super::StoreArg;
 use crate::power::{self, PowerAction, PowerRequest};
 use crate::recipe::{LoadedRecipe, Node};
+use crate::serve::status::{self, NodeState, NodeStatus};
+use crate::util::unix_now;
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
 pub enum ActionArg {
@@ -63,9 +66,24 @@ pub struct PowerArgs {
     /// with one retry).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub timeout: u64,
+    /// With on, cycle or reset: then wait until every node the command reached is `up` again (its status agent
+    /// reports a boot that started after the command, as `kiln node status` shows) or --wait-timeout passes; the
+    /// nodes that are not are named and the exit status is 1.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds --wait waits at most.
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub wait_timeout: u64,
+    /// With --wait: where the kiln serve that boots the nodes keeps its state (default: [server] state_dir, else
+    /// <store>/state). A running kiln serve is asked over its control socket.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArg,
     #[arg(long, short = 'f', default_value = "kiln.toml")]
     pub recipe: PathBuf,
-    /// One JSON document: every node's result, the failures, the time taken.
+    /// One JSON document: every node's result, the failures, the time taken (with --wait, what each node's
+    /// status became).
     #[arg(long)]
     pub json: bool,
 }
@@ -115,8 +133,26 @@ pub fn run(args: PowerArgs) -> Result<ExitCode> {
     if args.pxe && !action.boots() {
         bail!("--pxe sets the next boot: use it with on, cycle or reset");
     }
+    if args.wait && !action.boots() {
+        bail!("--wait waits for the nodes to boot: use it with on, cycle or reset");
+    }
     let loaded = LoadedRecipe::load(&args.recipe)?;
     let nodes = select(&loaded, &args)?;
+    let state_dir = super::node::state_dir_of(&args.recipe, &args.store, args.state_dir.as_deref())?;
+    if args.wait {
+        // Asked before any BMC is: a --wait that cannot read the nodes' status must not power them first.
+        let running =
+            crate::serve::control::ask_running(&state_dir, &crate::serve::control::Query::Status { unknown: false })
+                .with_context(|| format!("--wait reads the nodes' status from {}", state_dir.display()))?;
+        if running.is_none() {
+            bail!(
+                "--wait reads the nodes' status from {}, but no kiln serve runs with its state there: the nodes' \
+                 agents report to a running kiln serve (start it, or give its --state-dir)",
+                state_dir.display()
+            );
+        }
+    }
+    let sent_at = unix_now();
     let req = PowerRequest {
         action,
         pxe: args.pxe,
@@ -124,9 +160,21 @@ pub fn run(args: PowerArgs) -> Result<ExitCode> {
         parallel: usize::from(args.parallel),
     };
     let report = power::run(&nodes, &req);
+    let waited = if args.wait {
+        // A node whose BMC failed is not waited for: it is already reported as failed.
+        let reached: Vec<&str> = report.nodes.iter().filter(|o| o.error.is_none()).map(|o| o.node.as_str()).collect();
+        let status_of = || status::query(&state_dir, Some(&loaded), false);
+        Some(wait_up(&reached, sent_at, Duration::from_secs(args.wait_timeout), status_of)?)
+    } else {
+        None
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(w) = &waited {
+            doc["wait"] = serde_json::to_value(w)?;
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
         let width = report.nodes.iter().map(|o| o.node.len()).max().unwrap_or(0).max(8);
         for o in &report.nodes {
@@ -161,5 +209,155 @@ pub fn run(args: PowerArgs) -> Result<ExitCode> {
         report.parallel,
         report.peak_parallel
     );
-    Ok(if report.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    let mut failed = report.failed > 0;
+    if let Some(w) = &waited {
+        for n in &w.not_up {
+            eprintln!(
+                "{}: not up after {} s: {}{}",
+                n.node,
+                w.timeout_s,
+                n.state.as_str(),
+                n.stage.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()
+            );
+        }
+        eprintln!(
+            "power {} --wait: {} of {} up in {:.1} s",
+            report.action,
+            w.up.len(),
+            w.up.len() + w.not_up.len(),
+            w.waited_s
+        );
+        failed |= !w.not_up.is_empty();
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// What `--wait` saw.
+#[derive(Debug, serde::Serialize)]
+pub struct Waited {
+    pub timeout_s: u64,
+    /// Seconds from the end of the power command to the last node up (or the timeout).
+    pub waited_s: f64,
+    pub up: Vec<CameUp>,
+    pub not_up: Vec<NotUp>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct CameUp {
+    pub node: String,
+    /// Seconds after the power command ended.
+    pub after_s: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct NotUp {
+    pub node: String,
+    pub state: NodeState,
+    /// The last thing heard of it (a boot step, `heartbeat`, ...).
+    pub stage: Option<String>,
+}
+
+/// True when `row` is up from a boot that started at or after `since` (unix seconds; the boot time is derived
+/// from the agent's uptime, to the second, hence the one second of slack).
+fn up_since(row: &NodeStatus, since: u64) -> bool {
+    row.state == NodeState::Up && row.booted.is_some_and(|b| b + 1 >= since)
+}
+
+/// Polls `status_of` once a second until every node of `names` is up since `since`, or `timeout` passes. On a
+/// terminal, says on stderr each node that comes up.
+fn wait_up(
+    names: &[&str],
+    since: u64,
+    timeout: Duration,
+    status_of: impl Fn() -> Result<Vec<NodeStatus>>,
+) -> Result<Waited> {
+    let start = Instant::now();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut up: Vec<CameUp> = Vec::new();
+    let mut last: Vec<NodeStatus> = Vec::new();
+    loop {
+        last = match status_of() {
+            Ok(rows) => rows,
+            // The server restarting, or its database busy for a moment: try again within the timeout.
+            Err(e) if start.elapsed() < timeout => {
+                tracing::debug!("reading the nodes' status: {e:#}");
+                last
+            }
+            Err(e) => return Err(e.context("--wait: reading the nodes' status")),
+        };
+        for name in names {
+            if up.iter().any(|u| u.node == *name) {
+                continue;
+            }
+            if last.iter().any(|r| r.node.as_deref() == Some(name) && up_since(r, since)) {
+                let after_s = start.elapsed().as_secs_f64();
+                if terminal {
+                    eprintln!("{name} up after {after_s:.0} s ({} of {})", up.len() + 1, names.len());
+                }
+                up.push(CameUp { node: name.to_string(), after_s });
+            }
+        }
+        if up.len() == names.len() || start.elapsed() >= timeout {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1).min(timeout.saturating_sub(start.elapsed())));
+    }
+    let not_up = names
+        .iter()
+        .filter(|n| !up.iter().any(|u| u.node == **n))
+        .map(|n| {
+            let row = last.iter().find(|r| r.node.as_deref() == Some(n));
+            NotUp {
+                node: n.to_string(),
+                state: row.map(|r| r.state).unwrap_or(NodeState::Off),
+                stage: row.and_then(|r| r.stage.clone()),
+            }
+        })
+        .collect();
+    Ok(Waited { timeout_s: timeout.as_secs(), waited_s: start.elapsed().as_secs_f64(), up, not_up })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Mac;
+
+    fn row(node: &str, state: NodeState, booted: Option<u64>) -> NodeStatus {
+        NodeStatus {
+            node: Some(node.into()),
+            mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
+            state,
+            stage: Some("heartbeat".into()),
+            last_seen: None,
+            image: None,
+            image_digest: None,
+            address: None,
+            booted,
+            uptime: None,
+            load: None,
+            mem_used: None,
+            mem_total: None,
+            kernel: None,
+        }
+    }
+
+    #[test]
+    fn a_node_is_up_again_only_from_a_boot_after_the_command() {
+        assert!(!up_since(&row("n1", NodeState::Up, Some(900)), 1000), "up from before the cycle");
+        assert!(up_since(&row("n1", NodeState::Up, Some(999)), 1000), "a second of rounding");
+        assert!(up_since(&row("n1", NodeState::Up, Some(1010)), 1000));
+        assert!(!up_since(&row("n1", NodeState::Booting, Some(1010)), 1000));
+        assert!(!up_since(&row("n1", NodeState::Up, None), 1000));
+    }
+
+    #[test]
+    fn wait_names_the_nodes_that_did_not_come_up() {
+        let w = wait_up(&["n1", "n2"], 1000, Duration::from_millis(10), || {
+            Ok(vec![row("n1", NodeState::Up, Some(1005)), row("n2", NodeState::Lost, Some(100))])
+        })
+        .unwrap();
+        assert_eq!(w.up.iter().map(|u| u.node.as_str()).collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(w.not_up.len(), 1);
+        assert_eq!((w.not_up[0].node.as_str(), w.not_up[0].state), ("n2", NodeState::Lost));
+    }
 }

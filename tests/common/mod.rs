@@ -2,6 +2,8 @@
 //! binary run in a fresh directory, and QEMU boots read from the serial console.
 #![allow(dead_code)]
 
+pub mod bmc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
