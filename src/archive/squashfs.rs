@@ -15,6 +15,12 @@
 //!   metadata: inodes in post-order (children before their directory), directory listings, then the tables and
 //!   the superblock. Hardlinks (entries sharing one [`DataId`]) are one inode with a link count.
 //!
+//! Why not a crate: `backhand` (the maintained Rust squashfs library) builds an image from readers it keeps until
+//! `FilesystemWriter::write`, which reads them all then; kiln's one-layer builds feed files from a tar stream
+//! that can be read once, in order (`bundle::streamed`), so with backhand they would be spooled to disk first,
+//! which is the cost the streamed build exists to avoid. `mksquashfs` (squashfs-tools) would be a run-time
+//! dependency reading a tree from disk, the same spool. The two were not measured against this writer.
+//!
 //! Not written: extended attributes, the NFS export table, duplicate-file detection, directory indexes (the
 //! kernel looks names up without them, scanning the listing).
 
