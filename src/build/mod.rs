@@ -238,8 +238,9 @@ fn build_planned(
     }
     let image_path = pending.dir().join("image");
     let initramfs_path = pending.dir().join("initramfs");
-    let (tree, image) = write_image(&mut progress, spec, resolved, &exclude, sde, threads, &spool, &image_path)
-        .with_context(|| format!("reading {source}"))?;
+    let (tree, image) =
+        write_image(&mut progress, spec, resolved, &source, &exclude, sde, threads, &spool, &image_path)
+            .with_context(|| format!("reading {source}"))?;
     progress.step("finding the kernel");
     let found = bundle::kernel::find(&tree, &spec.kernel).with_context(|| format!("finding the kernel in {source}"))?;
     let kernel = bundle::write_kernel(&tree, &found, &arch, &pending.dir().join("kernel"))?;
@@ -333,6 +334,7 @@ fn write_image(
     progress: &mut Progress,
     spec: &BundleSpec,
     resolved: ResolvedImage,
+    source: &impl std::fmt::Display,
     exclude: &globset::GlobSet,
     sde: i64,
     threads: usize,
@@ -343,14 +345,15 @@ fn write_image(
     let what = if two_stage { "squashfs, " } else { "" };
     let layers = resolved.layer_count();
     let keep = |p: &[u8]| read_again(p, spec);
-    let bytes: ByteProgress = progress.bytes();
     // KILN_NO_STREAM=1 reads every image whole (the bytes are the same either way; tests compare them).
     if layers == 1 && std::env::var_os("KILN_NO_STREAM").is_none() {
         progress.step(format!(
-            "streaming the layer into the image ({what}{} level {})",
+            "streaming the layer of {source} into the image ({what}{} level {})",
             spec.compression.name(),
             spec.level
         ));
+        // Each step counts its own bytes: a counter taken before a step would report to the one before.
+        let bytes: ByteProgress = progress.bytes();
         let streamed = if two_stage {
             let mut sink = two_stage::SquashfsStream::new(out, exclude, sde, spec.compression, spec.level, threads)?;
             match resolved.stream(spool, &keep, &bytes, &mut |t, p, d| sink.entry(t, p, d)) {
@@ -379,14 +382,15 @@ fn write_image(
             None => {}
         }
     }
-    progress.step(format!("reading {layers} layer(s)"));
-    let tree = resolved.merged_tree(spool, threads, &bytes)?;
+    progress.step(format!("reading {layers} layer(s) of {source}"));
+    let tree = resolved.merged_tree(spool, threads, &progress.bytes())?;
     progress.step(format!(
         "writing image ({} entries, {what}{} level {})",
         tree.nodes.len(),
         spec.compression.name(),
         spec.level
     ));
+    let bytes = progress.bytes();
     let image = if two_stage {
         WrittenImage::Squashfs(two_stage::write_image(
             &tree,
