@@ -19,6 +19,8 @@ cd "$(dirname "$0")/../.."
 
 RUNS=${RUNS:-1}
 IMAGES=${IMAGES:-"debian debian-2g"}
+MODES=${MODES:-"initrd two-stage-ram two-stage-disk"}
+KEEP=${KEEP:-0}
 MEM=${MEM:-6144}
 NS=kiln-bench-boot-$$
 SUBNET=10.213.11
@@ -33,7 +35,7 @@ SERVE_PID=
 cleanup() {
 	[[ -n $SERVE_PID ]] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
 	ip netns del "$NS" 2>/dev/null || true
-	rm -rf "$WORK"
+	if [[ $KEEP == 1 ]]; then echo "boot.sh: work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -91,8 +93,18 @@ boot() {
 	start=$(date +%s.%N)
 	ip netns exec "$NS" qemu-system-x86_64 "${args[@]}" >/dev/null 2>"$WORK/qemu.err" &
 	local qpid=$!
+	# VmHWM is the process's high-water mark: the most the guest ever had touched. Read while QEMU runs (the
+	# init powers the guest off as soon as it has reported, and an exited process has no VmHWM).
+	local peak=0 hwm
 	while ! grep -q KILN-BENCH-BOOTED "$console" 2>/dev/null; do
+		hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$qpid/status" 2>/dev/null || true)
+		[[ -n $hwm ]] && peak=$hwm
 		if ! kill -0 "$qpid" 2>/dev/null; then
+			if grep -qa "Initramfs unpacking failed" "$console"; then
+				echo "boot.sh: $image, $mode: the kernel could not unpack the initrd in $MEM MiB ($(grep -ao \
+					'Initramfs unpacking failed.*' "$console" | head -n1)): it went on with part of the image and" \
+					"without the overlay; give the guest more memory (MEM=...)" >&2
+			fi
 			echo "boot.sh: QEMU ended before the init reported ($image, $mode); console:" >&2
 			tail -n 40 "$console" >&2
 			exit 1
@@ -105,10 +117,10 @@ boot() {
 		fi
 		sleep 0.1
 	done
-	local secs peak
+	local secs
 	secs=$(echo "$(date +%s.%N) - $start" | bc)
-	# VmHWM is the process's high-water mark: the most the guest ever had touched.
-	peak=$(awk '/^VmHWM:/ {print $2}' "/proc/$qpid/status" 2>/dev/null || echo 0)
+	hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$qpid/status" 2>/dev/null || true)
+	[[ -n $hwm ]] && peak=$hwm
 	kill "$qpid" 2>/dev/null || true
 	wait "$qpid" 2>/dev/null || true
 	local used
@@ -162,12 +174,14 @@ EOF
 		sleep 0.2
 	done
 	for _ in $(seq "$RUNS"); do
-		boot "$image" initrd 52:54:00:be:00:01
-		boot "$image" two-stage-ram 52:54:00:be:00:02
-		rm -f "$dir/disk.raw"
-		truncate -s 4G "$dir/disk.raw"
-		boot "$image" two-stage-disk-install 52:54:00:be:00:03 "$dir/disk.raw"
-		boot "$image" two-stage-disk-reuse 52:54:00:be:00:03 "$dir/disk.raw"
+		[[ " $MODES " == *" initrd "* ]] && boot "$image" initrd 52:54:00:be:00:01
+		[[ " $MODES " == *" two-stage-ram "* ]] && boot "$image" two-stage-ram 52:54:00:be:00:02
+		if [[ " $MODES " == *" two-stage-disk "* ]]; then
+			rm -f "$dir/disk.raw"
+			truncate -s 4G "$dir/disk.raw"
+			boot "$image" two-stage-disk-install 52:54:00:be:00:03 "$dir/disk.raw"
+			boot "$image" two-stage-disk-reuse 52:54:00:be:00:03 "$dir/disk.raw"
+		fi
 	done
 	kill "$SERVE_PID"
 	wait "$SERVE_PID" 2>/dev/null || true

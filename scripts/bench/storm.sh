@@ -31,7 +31,7 @@
 # default 10), PAYLOAD (small|tiny), DEADLINE (seconds per run, default 900), DIGEST_EVERY (sha256 of blob
 # downloads for every Nth client: 1 = all (default), 0 = none), DNSMASQ_PING=1 (keep dnsmasq's ping check; the
 # clients never answer pings), SEQUENTIAL_MACS=1 (consecutive MACs instead of scattered ones), KEEP=1 keeps the work
-# dir with every log.
+# dir with every log, KILN_SERVER_EXTRA lines added to kiln's [server] table (e.g. "tftp_max_transfers = 4096").
 # Needs root (namespaces, ports 67/69/80 in them). Everything it starts is stopped and every namespace removed on
 # exit. Work dir under /var/tmp (kiln's state database is on disk there, as on a real server).
 #
@@ -51,6 +51,7 @@ DIGEST_EVERY=${DIGEST_EVERY:-1}
 KEEP=${KEEP:-0}
 DNSMASQ_PING=${DNSMASQ_PING:-0}
 SEQUENTIAL_MACS=${SEQUENTIAL_MACS:-0}
+KILN_SERVER_EXTRA=${KILN_SERVER_EXTRA:-}
 PING=(--no-ping)
 [[ $DNSMASQ_PING == 1 ]] && PING=()
 BIOS_FILE=/usr/lib/ipxe/undionly.kpxe
@@ -133,6 +134,7 @@ dhcp = "full"
 pool = "$POOL_FIRST-$POOL_LAST"
 unknown = "boot:storm"
 lease_time = 3600
+$KILN_SERVER_EXTRA
 
 [server.boot_files]
 bios = "$BIOS_FILE"
