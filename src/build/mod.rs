@@ -342,6 +342,7 @@ fn write_image(
     out: &std::path::Path,
 ) -> Result<(crate::image::tree::Tree, WrittenImage)> {
     let two_stage = spec.boot == BootMode::TwoStage;
+    let settings = bundle::ImageSettings { exclude, sde, compression: spec.compression, level: spec.level, threads };
     let what = if two_stage { "squashfs, " } else { "" };
     let layers = resolved.layer_count();
     let keep = |p: &[u8]| read_again(p, spec);
@@ -355,7 +356,7 @@ fn write_image(
         // Each step counts its own bytes: a counter taken before a step would report to the one before.
         let bytes: ByteProgress = progress.bytes();
         let streamed = if two_stage {
-            let mut sink = two_stage::SquashfsStream::new(out, exclude, sde, spec.compression, spec.level, threads)?;
+            let mut sink = two_stage::SquashfsStream::new(out, settings)?;
             match resolved.stream(spool, &keep, &bytes, &mut |t, p, d| sink.entry(t, p, d)) {
                 Some(Ok(tree)) => {
                     let image = sink.finish(&tree, out, "image")?;
@@ -364,7 +365,7 @@ fn write_image(
                 other => other.map(|r| r.map(|_| unreachable!("handled above"))),
             }
         } else {
-            let mut sink = bundle::streamed::CpioStream::new(out, exclude, sde, spec.compression, spec.level, threads)?;
+            let mut sink = bundle::streamed::CpioStream::new(out, settings)?;
             match resolved.stream(spool, &keep, &bytes, &mut |t, p, d| sink.entry(t, p, d)) {
                 Some(Ok(tree)) => {
                     let image = sink.finish(out, "image", spec.compression, spec.level)?;
@@ -392,28 +393,9 @@ fn write_image(
     ));
     let bytes = progress.bytes();
     let image = if two_stage {
-        WrittenImage::Squashfs(two_stage::write_image(
-            &tree,
-            exclude,
-            sde,
-            spec.compression,
-            spec.level,
-            threads,
-            out,
-            "image",
-        )?)
+        WrittenImage::Squashfs(two_stage::write_image(&tree, &settings, out, "image")?)
     } else {
-        WrittenImage::Cpio(bundle::write_image(
-            &tree,
-            exclude,
-            sde,
-            spec.compression,
-            spec.level,
-            threads,
-            out,
-            "image",
-            &bytes,
-        )?)
+        WrittenImage::Cpio(bundle::write_image(&tree, &settings, out, "image", &bytes)?)
     };
     Ok((tree, image))
 }

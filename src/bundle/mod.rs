@@ -173,20 +173,30 @@ pub(crate) fn kept_entries<'t>(tree: &'t Tree, exclude: &GlobSet) -> Vec<(&'t [u
         .collect()
 }
 
+/// How an image is written: what every image writer takes (cpio or squashfs, from the whole tree or while a
+/// layer streams).
+#[derive(Clone, Copy)]
+pub struct ImageSettings<'a> {
+    /// Paths left out (the recipe's `exclude`).
+    pub exclude: &'a GlobSet,
+    /// SOURCE_DATE_EPOCH: no time written is later.
+    pub sde: i64,
+    pub compression: Compression,
+    pub level: i32,
+    /// Compression threads (the bytes written do not depend on them).
+    pub threads: usize,
+}
+
 /// Writes the merged tree as a compressed newc archive; returns its digest and numbers. The file contents read
 /// are counted in `bytes`.
-#[allow(clippy::too_many_arguments)]
 pub fn write_image(
     tree: &Tree,
-    exclude: &GlobSet,
-    sde: i64,
-    compression: Compression,
-    level: i32,
-    threads: usize,
+    settings: &ImageSettings,
     out: &Path,
     file_name: &str,
     bytes: &ByteProgress,
 ) -> Result<ArchiveInfo> {
+    let ImageSettings { exclude, sde, compression, level, threads } = *settings;
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let comp = Compressor::new(HashingWriter::new(f), compression, level, threads)?;
     let mut cpio = CpioWriter::new(BufWriter::with_capacity(1 << 20, comp));

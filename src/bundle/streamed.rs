@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use globset::GlobSet;
 
-use super::{finish_archive, ArchiveInfo};
+use super::{finish_archive, ArchiveInfo, ImageSettings};
 use crate::archive::{Compression, Compressor, CpioEntry, CpioWriter};
 use crate::image::tree::{show, Kind, Node, Tree};
 use crate::util::HashingWriter;
@@ -101,14 +101,8 @@ pub struct CpioStream<'a> {
 }
 
 impl<'a> CpioStream<'a> {
-    pub fn new(
-        out: &Path,
-        exclude: &'a GlobSet,
-        sde: i64,
-        compression: Compression,
-        level: i32,
-        threads: usize,
-    ) -> Result<Self> {
+    pub fn new(out: &Path, settings: ImageSettings<'a>) -> Result<Self> {
+        let ImageSettings { exclude, sde, compression, level, threads } = settings;
         let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
         let comp = Compressor::new(HashingWriter::new(f), compression, level, threads)?;
         Ok(CpioStream {

@@ -24,7 +24,7 @@ use globset::GlobSet;
 use serde::{Deserialize, Serialize};
 
 use super::streamed::{ExcludeFilter, StreamAbort};
-use super::{finish_compressed, kept_entries, ArchiveInfo, FoundKernel};
+use super::{finish_compressed, kept_entries, ArchiveInfo, FoundKernel, ImageSettings};
 use crate::archive::squashfs::{DataId, Entry, EntryKind, SquashfsOptions, SquashfsWriter, DEFAULT_BLOCK_SIZE};
 use crate::archive::{Compression, Compressor, NewcTree};
 use crate::image::tree::{show, Kind, Tree};
@@ -166,17 +166,8 @@ pub fn check_kernel_config(tree: &Tree, kernel: &FoundKernel, compression: Compr
 }
 
 /// Writes the merged tree (less what `exclude` drops) as a squashfs; returns what the manifest says of it.
-#[allow(clippy::too_many_arguments)]
-pub fn write_image(
-    tree: &Tree,
-    exclude: &GlobSet,
-    sde: i64,
-    compression: Compression,
-    level: i32,
-    threads: usize,
-    out: &Path,
-    file_name: &str,
-) -> Result<ImageEntry> {
+pub fn write_image(tree: &Tree, settings: &ImageSettings, out: &Path, file_name: &str) -> Result<ImageEntry> {
+    let ImageSettings { exclude, sde, compression, level, threads } = *settings;
     let kept = kept_entries(tree, exclude);
     let clamp = |t: i64| t.clamp(0, sde.clamp(0, u32::MAX as i64)) as u32;
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
@@ -270,14 +261,8 @@ pub struct SquashfsStream<'a> {
 }
 
 impl<'a> SquashfsStream<'a> {
-    pub fn new(
-        out: &Path,
-        exclude: &'a GlobSet,
-        sde: i64,
-        compression: Compression,
-        level: i32,
-        threads: usize,
-    ) -> Result<Self> {
+    pub fn new(out: &Path, settings: ImageSettings<'a>) -> Result<Self> {
+        let ImageSettings { exclude, sde, compression, level, threads } = settings;
         let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
         let opts = SquashfsOptions {
             compression,
