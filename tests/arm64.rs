@@ -204,11 +204,6 @@ fn arm64_bundle_boots_in_qemu_virt() {
 }
 
 /// Free TCP and UDP ports on loopback (bound and released; the server binds them next).
-fn free_port() -> u16 {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    tcp.local_addr().unwrap().port()
-}
-
 /// A running `kiln serve`, stopped when dropped.
 struct Serve(Child);
 

@@ -108,20 +108,6 @@ impl Drop for Net {
     }
 }
 
-/// `f()` once it is `Some`, trying every 100 ms for up to `within`.
-fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if start.elapsed() > within {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `kiln node status --json` as JSON, quietly (it is asked many times).
 fn status(dir: &Path, store: &Path) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))

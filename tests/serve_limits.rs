@@ -16,10 +16,6 @@ use common::*;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode};
 use dhcproto::{Decodable, Encodable};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 const N001: &str = "52:54:00:00:00:01";
 const N002: &str = "52:54:00:00:00:02";
 const STRANGER: &str = "52:54:00:99:99:99";
