@@ -314,6 +314,11 @@ bmc = {{ protocol = "ipmi", address = "127.0.0.1:{bmc2}", user = "admin", passwo
         assert_eq!(code(&node, &all), *expected, "{args:?}");
     }
     assert_eq!(code(&node, &[&n001_url]), "405", "a GET");
+    // A two-stage loader's reports: only from the node's address, only the loader's steps.
+    let loader_url = format!("{base}/loader/52:54:00:00:00:01?step=started&detail=x");
+    assert_eq!(code(&stranger, &[&loader_url]), "403", "a loader report from another address");
+    let bogus = format!("{base}/loader/52:54:00:00:00:01?step=reboot-everything&detail=x");
+    assert_eq!(code(&node, &[&bogus]), "400", "a step the loader has not");
     let after = status(d, &store);
     assert_eq!(unchanged(&after), before, "a refused heartbeat changed the status");
     assert_eq!(row(&after, "n002")["state"], "off");
